@@ -1,0 +1,1 @@
+"""CLI subcommands. Each module here exposes ``register(subparsers)``; see agent/cli.py."""

@@ -1,0 +1,1 @@
+"""Pure control decisions over plain data: thermal model, identification, MPC, safety, baselines."""

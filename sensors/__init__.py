@@ -1,0 +1,1 @@
+"""Sensor backends: read the world, decide nothing."""

@@ -1,0 +1,102 @@
+"""Shared fixtures: a real mosquitto on a free loopback port, and the gpu marker's skip."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Broker:
+    """A mosquitto process on 127.0.0.1:port. ``stop``/``start`` simulate outages."""
+
+    port: int
+    conf: Path
+    log: Path
+    proc: subprocess.Popen[bytes] | None = None
+    host: str = "127.0.0.1"
+
+    def start(self) -> None:
+        exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        self.proc = subprocess.Popen([exe, "-c", str(self.conf)], stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mosquitto exited: {self.log.read_text()[-2000:]}")
+            try:
+                with socket.create_connection((self.host, self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError("mosquitto did not start listening")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+def _have_mosquitto() -> bool:
+    return bool(shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists())
+
+
+BrokerFactory = Callable[..., Broker]
+
+
+@pytest.fixture
+def broker_factory(tmp_path: Path) -> Iterator[BrokerFactory]:
+    """Start mosquitto processes with extra config lines; all are stopped afterwards."""
+    if not _have_mosquitto():
+        pytest.fail("mosquitto is not installed: apt-get install -y mosquitto mosquitto-clients")
+    started: list[Broker] = []
+
+    def make(extra: str = "", *, anonymous: bool = True, port: int | None = None) -> Broker:
+        port = port or free_port()
+        d = tmp_path / f"mosquitto-{port}"
+        d.mkdir(exist_ok=True)
+        conf = d / "mosquitto.conf"
+        lines = [f"listener {port} 127.0.0.1", f"allow_anonymous {'true' if anonymous else 'false'}", "persistence false"]
+        conf.write_text("\n".join(lines) + "\n" + extra + "\n")
+        b = Broker(port=port, conf=conf, log=d / "mosquitto.log")
+        b.start()
+        started.append(b)
+        return b
+
+    yield make
+    for b in started:
+        b.stop()
+
+
+@pytest.fixture
+def broker(broker_factory: BrokerFactory) -> Broker:
+    """One anonymous mosquitto on loopback for this test."""
+    return broker_factory()
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    d = SHARED / "data"
+    if not d.exists():
+        pytest.fail(f"{d} missing: CI clones main with ../shared beside it")
+    return d
