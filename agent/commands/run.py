@@ -1,0 +1,41 @@
+"""``rackguard run``: the daemon."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from agent import config as configmod
+from agent import log as logmod
+from agent.cli import EX_CONFIG
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("run", help="run the agent")
+    p.add_argument("--config", type=Path, help="TOML config file (default: built-in defaults)")
+    p.add_argument("--sim", action="store_true", help="use the simulated GPU backend (sensors.backend = sim)")
+    p.set_defaults(func=main)
+
+
+def load_or_exit(path: Path | None, *, sim: bool = False) -> configmod.Config | int:
+    """Load the config; on error print every bad key to stderr and return 78."""
+    try:
+        cfg = configmod.load(path)
+    except configmod.ConfigError as exc:
+        print(exc.render(), file=sys.stderr)
+        return EX_CONFIG
+    if sim:
+        cfg = cfg.model_copy(update={"sensors": cfg.sensors.model_copy(update={"backend": "sim"})})
+    return cfg
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = load_or_exit(args.config, sim=args.sim)
+    if isinstance(cfg, int):
+        return cfg
+    logmod.configure(cfg.log.level, cfg.log.format)
+    from agent.daemon import Agent
+
+    return asyncio.run(Agent(cfg).run())

@@ -1,0 +1,262 @@
+"""Configuration: TOML validated by pydantic v2, unknown keys forbidden.
+
+Load order: built-in defaults < TOML file < environment ``RACKGUARD_<SECTION>__<KEY>``
+(e.g. ``RACKGUARD_MQTT__PORT=1884``). Values from the environment are strings;
+pydantic coerces them to the field's type.
+
+Secrets are never values in the file: they are paths (``mqtt.password_file``),
+resolved against ``$CREDENTIALS_DIRECTORY`` (systemd ``LoadCredential=``) when
+relative and that variable is set, and read only when needed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+ENV_PREFIX = "RACKGUARD_"
+_TOPIC_SAFE = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+class ConfigError(Exception):
+    """An invalid configuration. ``errors`` holds ``(key_path, reason)`` pairs."""
+
+    def __init__(self, errors: list[tuple[str, str]]) -> None:
+        self.errors = errors
+        super().__init__("; ".join(f"{k}: {r}" for k, r in errors))
+
+    def render(self) -> str:
+        return "\n".join(f"config error: {key}: {reason}" for key, reason in self.errors)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def resolve_secret_path(path: Path) -> Path:
+    """Resolve a secret's path: relative paths live in ``$CREDENTIALS_DIRECTORY`` when set."""
+    cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
+    if not path.is_absolute() and cred_dir:
+        return Path(cred_dir) / path
+    return path
+
+
+def _readable_secret(path: Path | None) -> Path | None:
+    if path is None:
+        return None
+    resolved = resolve_secret_path(path)
+    try:
+        with resolved.open("rb"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"cannot read secret file {str(resolved)!r}: {exc.strerror or exc}") from None
+    return resolved
+
+
+def read_secret(path: Path) -> SecretStr:
+    """Read a secret file (first line, stripped)."""
+    text = path.read_text(encoding="utf-8")
+    return SecretStr(text.splitlines()[0].strip() if text else "")
+
+
+TopicSafe = Annotated[str, Field(min_length=1, max_length=64, pattern=_TOPIC_SAFE.pattern)]
+
+
+class NodeConfig(_Section):
+    site: TopicSafe = "site"
+    rack: TopicSafe = "rack"
+    name: TopicSafe = Field(default_factory=lambda: re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:64])
+
+
+class TlsConfig(_Section):
+    ca_file: Path
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    @field_validator("ca_file", "cert_file", "key_file")
+    @classmethod
+    def _exists(cls, v: Path | None) -> Path | None:
+        return _readable_secret(v)
+
+    @model_validator(mode="after")
+    def _pair(self) -> TlsConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+
+class MqttConfig(_Section):
+    host: str = "localhost"
+    port: int = Field(default=1883, ge=1, le=65535)
+    keepalive_s: int = Field(default=15, ge=2, le=3600)
+    username: str | None = None
+    password_file: Path | None = None
+    client_id: str | None = None
+    topic_prefix: TopicSafe = "rackguard"
+    tls: TlsConfig | None = None
+    reconnect_min_s: float = Field(default=0.5, gt=0, le=60)
+    reconnect_max_s: float = Field(default=30.0, gt=0, le=3600)
+    publish_timeout_s: float = Field(default=10.0, gt=0, le=300)
+
+    @field_validator("password_file")
+    @classmethod
+    def _password_readable(cls, v: Path | None) -> Path | None:
+        return _readable_secret(v)
+
+    @model_validator(mode="after")
+    def _checks(self) -> MqttConfig:
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError("reconnect_max_s must be >= reconnect_min_s")
+        if self.password_file is not None and self.username is None:
+            raise ValueError("password_file needs username")
+        return self
+
+    def password(self) -> SecretStr | None:
+        """The broker password, read from its file now (so rotation needs no restart)."""
+        return read_secret(self.password_file) if self.password_file else None
+
+
+class SimConfig(_Section):
+    """The simulated node used by ``backend = "sim"``."""
+
+    gpus: int = Field(default=8, ge=1, le=64)
+    seed: int = 0
+    offered_concurrency: float = Field(default=256.0, ge=0)
+    supply_temp_c: float = Field(default=32.0, ge=0, le=80)
+    flow_lpm: float = Field(default=12.0, gt=0, le=1000)
+    ambient_noise_c: float = Field(default=0.2, ge=0, le=5)
+
+
+class SensorsConfig(_Section):
+    backend: Literal["nvml", "sim"] = "nvml"
+    poll_period_s: float = Field(default=0.1, ge=0.01, le=60)
+    slow_period_s: float = Field(default=1.0, ge=0.01, le=600)
+    read_timeout_s: float = Field(default=0.5, gt=0, le=30)
+    lost_retry_min_s: float = Field(default=1.0, gt=0, le=600)
+    lost_retry_max_s: float = Field(default=60.0, gt=0, le=3600)
+    gpu_indices: list[Annotated[int, Field(ge=0)]] | None = None
+
+    @model_validator(mode="after")
+    def _periods(self) -> SensorsConfig:
+        if self.slow_period_s < self.poll_period_s:
+            raise ValueError("slow_period_s must be >= poll_period_s")
+        if self.lost_retry_max_s < self.lost_retry_min_s:
+            raise ValueError("lost_retry_max_s must be >= lost_retry_min_s")
+        return self
+
+
+class TelemetryConfig(_Section):
+    publish_period_s: float = Field(default=1.0, ge=0.05, le=3600)
+    queue_max_messages: int = Field(default=10_000, ge=10, le=10_000_000)
+
+
+class HttpConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=9108, ge=0, le=65535, description="0 disables the HTTP server")
+
+
+class LogConfig(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class Config(_Section):
+    node: NodeConfig = Field(default_factory=NodeConfig)
+    mqtt: MqttConfig = Field(default_factory=MqttConfig)
+    sensors: SensorsConfig = Field(default_factory=SensorsConfig)
+    sim: SimConfig = Field(default_factory=SimConfig)
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+
+    @model_validator(mode="after")
+    def _cross(self) -> Config:
+        if self.telemetry.publish_period_s < self.sensors.poll_period_s:
+            raise ValueError("telemetry.publish_period_s must be >= sensors.poll_period_s")
+        return self
+
+    def redacted(self) -> dict[str, Any]:
+        """The effective config as plain data, safe to print (secrets are only paths)."""
+        return self.model_dump(mode="json")
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """``RACKGUARD_MQTT__PORT=1884`` → ``{"mqtt": {"port": "1884"}}``."""
+    out: dict[str, Any] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        path = name[len(ENV_PREFIX) :].lower().split("__")
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                break
+        else:
+            node[path[-1]] = value
+    return out
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _key_path(loc: tuple[int | str, ...]) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        elif parts:
+            parts.append(f".{item}")
+        else:
+            parts.append(str(item))
+    return "".join(parts) or "(root)"
+
+
+def validate(data: Mapping[str, Any]) -> Config:
+    """Validate a plain dict; raise ConfigError naming every bad key."""
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        errors = []
+        for err in exc.errors():
+            loc = tuple(x for x in err["loc"] if not (isinstance(x, str) and x.startswith("function-")))
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key"
+            elif "input" in err and not isinstance(err["input"], dict | list) and err["type"] != "missing":
+                msg = f"{msg} (got {err['input']!r})"
+            errors.append((_key_path(loc), msg))
+        raise ConfigError(errors) from None
+
+
+def load(path: Path | None = None, *, environ: Mapping[str, str] | None = None, **defaults: Any) -> Config:
+    """Load and validate the config from a TOML file (or none) plus environment overrides.
+
+    ``defaults`` are section dicts applied under the file (e.g. ``sensors={"backend": "sim"}``).
+    """
+    environ = os.environ if environ is None else environ
+    data: dict[str, Any] = dict(defaults)
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                data = _merge(data, tomllib.load(f))
+        except OSError as exc:
+            raise ConfigError([(str(path), f"cannot read config file: {exc.strerror or exc}")]) from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError([(str(path), f"invalid TOML: {exc}")]) from None
+    data = _merge(data, env_overrides(environ))
+    return validate(data)
