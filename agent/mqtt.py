@@ -25,7 +25,7 @@ from paho.mqtt.properties import Properties
 
 from agent import log as logmod
 from agent.config import MqttConfig, NodeConfig
-from agent.outbox import MemoryOutbox, OutMsg, Outbox
+from agent.outbox import MemoryOutbox, Outbox, OutMsg
 
 Handler = Callable[[str, bytes], None]
 PUBLISH_WINDOW = 64  # QoS 1 messages in flight at once while draining
@@ -104,7 +104,7 @@ def aiomqtt_factory(cfg: MqttConfig, client_id: str) -> ClientFactory:
             timeout=cfg.publish_timeout_s,
             tls_params=tls,
         )
-        return client  # type: ignore[return-value]
+        return client
 
     return make
 

@@ -89,6 +89,7 @@ class GpuPoller:
         now = time.monotonic()
         loop = asyncio.get_running_loop()
         pending: dict[asyncio.Future[Any], tuple[GpuState, str]] = {}
+        cf: concurrent.futures.Future[Any]
         for g in self.gpus:
             if g.busy is not None and not g.busy.done():
                 continue  # still stuck in a previous call
