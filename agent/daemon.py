@@ -18,6 +18,7 @@ from agent import __version__
 from agent import log as logmod
 from agent.config import Config
 from agent.messages import GpuInventory, HostTelemetry, NodeId, Status, Telemetry, Thresholds, dump
+from agent.metrics import Metrics
 from agent.mqtt import ClientFactory, MqttLink, Topics, aiomqtt_factory
 from agent.outbox import MemoryOutbox, OutMsg
 from agent.sensing import GpuPoller
@@ -90,11 +91,11 @@ class Agent:
             outbox=MemoryOutbox(cfg.telemetry.queue_max_messages),
         )
         self.on_telemetry = on_telemetry
+        self.metrics = Metrics()
         self.stop = asyncio.Event()
         self.infos: list[GpuInfo] = []
         self.poller: GpuPoller | None = None
         self.telemetry_seq = 0
-        self.tick_lateness_s: list[float] = []
         self.log = logmod.get("agent")
         self._host: Any = None
 
@@ -140,8 +141,30 @@ class Agent:
             host=host,
         )
         self.link.enqueue(OutMsg(self.topics.telemetry, dump(msg), kind="telemetry"))
+        self._update_metrics()
         if self.on_telemetry:
             self.on_telemetry(msg)
+
+    def _update_metrics(self) -> None:
+        assert self.poller is not None
+        m = self.metrics
+        for g in self.poller.gpus:
+            label = str(g.info.index)
+            m.gpu_lost.labels(label).set(1.0 if g.state == "lost" else 0.0)
+            s = g.sample
+            if s is None or g.state != "ok":
+                continue
+            for gauge, value in (
+                (m.gpu_power_w, s.power_w),
+                (m.gpu_temp_c, s.gpu_temp_c),
+                (m.gpu_mem_temp_c, s.mem_temp_c),
+                (m.gpu_energy_j, s.energy_j),
+            ):
+                if value is not None:
+                    gauge.labels(label).set(value)
+        m.telemetry_published.inc()
+        m.mqtt_connected.set(1.0 if self.link.connected else 0.0)
+        m.mqtt_queue_depth.set(len(self.link.outbox))
 
     # -- lifecycle ---------------------------------------------------------------------
     def request_stop(self, reason: str = "signal") -> None:
@@ -175,6 +198,9 @@ class Agent:
             slow_every=max(1, round(s.slow_period_s / s.poll_period_s)),
             retry_min_s=s.lost_retry_min_s,
             retry_max_s=s.lost_retry_max_s,
+            on_call=lambda c: self.metrics.nvml_call_s.labels("slow" if c.slow else "fast").observe(
+                c.seconds
+            ),
         )
         self.log.info(
             "started",
@@ -213,8 +239,7 @@ class Agent:
                 if self.stop.is_set():
                     break
             late = time.monotonic() - next_tick
-            if len(self.tick_lateness_s) < 100_000:
-                self.tick_lateness_s.append(late)
+            self.metrics.tick_lateness_s.observe(max(0.0, late))
             gpus = await self.poller.poll()
             window.add(gpus)
             now = time.monotonic()

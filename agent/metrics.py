@@ -1,0 +1,46 @@
+"""Prometheus metrics, one registry per agent (so tests and fleets stay isolated)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class Metrics:
+    """Every metric the agent exports on ``GET /metrics``."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.gpu_power_w = Gauge("rackguard_gpu_power_w", "GPU power, last sample", ["gpu"], registry=r)
+        self.gpu_temp_c = Gauge(
+            "rackguard_gpu_temp_c", "GPU die temperature, last sample", ["gpu"], registry=r
+        )
+        self.gpu_mem_temp_c = Gauge("rackguard_gpu_mem_temp_c", "GPU HBM temperature", ["gpu"], registry=r)
+        self.gpu_energy_j = Gauge("rackguard_gpu_energy_j", "GPU energy counter", ["gpu"], registry=r)
+        self.gpu_lost = Gauge("rackguard_gpu_lost", "1 when the GPU is lost", ["gpu"], registry=r)
+        self.sensor_rejected = Counter(
+            "rackguard_sensor_rejected", "Rejected sensor payloads", ["sensor", "reason"], registry=r
+        )
+        self.nvml_call_s = Histogram(
+            "rackguard_nvml_call_seconds",
+            "Latency of one GPU read",
+            ["kind"],
+            buckets=(1e-5, 1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0),
+            registry=r,
+        )
+        self.tick_lateness_s = Histogram(
+            "rackguard_tick_lateness_seconds",
+            "How late each control tick started",
+            buckets=(1e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 5e-2, 0.1, 1.0),
+            registry=r,
+        )
+        self.mqtt_connected = Gauge("rackguard_mqtt_connected", "1 while connected to the broker", registry=r)
+        self.mqtt_queue_depth = Gauge("rackguard_mqtt_queue_depth", "Messages waiting for PUBACK", registry=r)
+        self.mqtt_dropped = Counter(
+            "rackguard_mqtt_dropped", "Messages dropped from a full outbox", registry=r
+        )
+        self.telemetry_published = Counter(
+            "rackguard_telemetry_windows", "Telemetry windows queued", registry=r
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
