@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import paho.mqtt.client as mqtt
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -34,7 +38,9 @@ class Broker:
 
     def start(self) -> None:
         exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        self.proc = subprocess.Popen([exe, "-c", str(self.conf)], stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [exe, "-c", str(self.conf)], stdout=self.log.open("ab"), stderr=subprocess.STDOUT
+        )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -76,7 +82,11 @@ def broker_factory(tmp_path: Path) -> Iterator[BrokerFactory]:
         d = tmp_path / f"mosquitto-{port}"
         d.mkdir(exist_ok=True)
         conf = d / "mosquitto.conf"
-        lines = [f"listener {port} 127.0.0.1", f"allow_anonymous {'true' if anonymous else 'false'}", "persistence false"]
+        lines = [
+            f"listener {port} 127.0.0.1",
+            f"allow_anonymous {'true' if anonymous else 'false'}",
+            "persistence false",
+        ]
         conf.write_text("\n".join(lines) + "\n" + extra + "\n")
         b = Broker(port=port, conf=conf, log=d / "mosquitto.log")
         b.start()
@@ -100,3 +110,72 @@ def shared_data() -> Path:
     if not d.exists():
         pytest.fail(f"{d} missing: CI clones main with ../shared beside it")
     return d
+
+
+@dataclass
+class Received:
+    topic: str
+    payload: bytes
+    retain: bool
+    t_mono: float
+
+    def json(self) -> Any:
+        return json.loads(self.payload)
+
+
+class Subscriber:
+    """A real paho MQTT 5 client on its own thread that records every message."""
+
+    def __init__(self, broker: Broker, topic: str, **auth: Any) -> None:
+        self.messages: list[Received] = []
+        self._cond = threading.Condition()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        if auth:
+            self.client.username_pw_set(auth["username"], auth.get("password"))
+        self.client.on_message = self._on_message
+        subscribed = threading.Event()
+        self.client.on_subscribe = lambda *a: subscribed.set()
+        self.client.on_connect = lambda c, *a: c.subscribe(topic, qos=1)
+        self.client.connect(broker.host, broker.port)
+        self.client.loop_start()
+        assert subscribed.wait(10), "subscriber did not subscribe"
+
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        with self._cond:
+            self.messages.append(Received(msg.topic, msg.payload, bool(msg.retain), time.monotonic()))
+            self._cond.notify_all()
+
+    def wait_for(
+        self, pred: Callable[[Received], bool], timeout: float = 10.0, count: int = 1
+    ) -> list[Received]:
+        """Wait until ``count`` messages satisfy ``pred``; return them all (fails on timeout)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                hits = [m for m in self.messages if pred(m)]
+                if len(hits) >= count:
+                    return hits
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    topics = sorted({m.topic for m in self.messages})
+                    raise AssertionError(f"timed out: {len(hits)}/{count} matching; topics seen: {topics}")
+                self._cond.wait(left)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+@pytest.fixture
+def subscriber() -> Iterator[Callable[..., Subscriber]]:
+    """``subscriber(broker, "topic/#")`` → a recording client; closed afterwards."""
+    subs: list[Subscriber] = []
+
+    def make(broker: Broker, topic: str, **auth: Any) -> Subscriber:
+        s = Subscriber(broker, topic, **auth)
+        subs.append(s)
+        return s
+
+    yield make
+    for s in subs:
+        s.close()
