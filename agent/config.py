@@ -29,6 +29,8 @@ from pydantic import (
     model_validator,
 )
 
+from sensors.coolant import CoolantSensor
+
 ENV_PREFIX = "RACKGUARD_"
 _TOPIC_SAFE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
@@ -80,7 +82,9 @@ TopicSafe = Annotated[str, Field(min_length=1, max_length=64, pattern=_TOPIC_SAF
 class NodeConfig(_Section):
     site: TopicSafe = "site"
     rack: TopicSafe = "rack"
-    name: TopicSafe = Field(default_factory=lambda: re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:64])
+    name: TopicSafe = Field(
+        default_factory=lambda: re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:64]
+    )
 
 
 class TlsConfig(_Section):
@@ -162,12 +166,89 @@ class SensorsConfig(_Section):
 
 class TelemetryConfig(_Section):
     publish_period_s: float = Field(default=1.0, ge=0.05, le=3600)
-    queue_max_messages: int = Field(default=10_000, ge=10, le=10_000_000)
+
+
+class OutboxConfig(_Section):
+    """The durable queue of telemetry and alarms waiting for the broker (agent/outbox.py)."""
+
+    path: Path | None = Field(
+        default=None,
+        description="SQLite file; relative paths (and the default, outbox.sqlite) live in "
+        "$STATE_DIRECTORY when systemd sets it. Unset and no $STATE_DIRECTORY: in memory only.",
+    )
+    max_messages: int = Field(default=100_000, ge=10, le=10_000_000)
+    replay_rate_msgs_s: float = Field(default=50.0, gt=0, le=100_000, description="history replay rate")
+    synchronous: Literal["full", "normal"] = Field(
+        default="full", description="full: fsync the WAL per commit; normal: per checkpoint"
+    )
+
+    def resolved_path(self, environ: Mapping[str, str] | None = None) -> Path | None:
+        """Where the database lives: under ``$STATE_DIRECTORY`` when set, else ``path`` (or None)."""
+        environ = os.environ if environ is None else environ
+        state = environ.get("STATE_DIRECTORY", "").split(":")[0]
+        if state and (self.path is None or not self.path.is_absolute()):
+            return Path(state) / (self.path or "outbox.sqlite")
+        return self.path
 
 
 class HttpConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(default=9108, ge=0, le=65535, description="0 disables the HTTP server")
+
+
+class ControlConfig(_Section):
+    """The MPC, the safety layer and the published cap."""
+
+    period_s: float = Field(default=1.0, ge=0.05, le=60)
+    cap_ttl_s: float = Field(default=10.0, ge=1, le=3600, description="MQTT 5 expiry of the cap message")
+    cap_refresh_s: float = Field(default=3.0, ge=0.1, le=3600, description="republish an unchanged cap this often")
+    gpu_temp_max_c: float | None = Field(default=None, ge=30, le=120, description="default: the GPU's 'GPU max'")
+    mem_temp_max_c: float | None = Field(default=None, ge=30, le=120, description="default: the GPU's 'memory max'")
+    slowdown_c: float | None = Field(default=None, ge=30, le=120, description="default: the GPU's slowdown")
+    margin_c: float = Field(default=3.0, ge=0, le=30)
+    node_power_budget_w: float | None = Field(default=None, gt=0)
+    design_delta_t_c: float = Field(default=10.0, gt=0, le=50)
+    min_cap: int = Field(default=1, ge=0)
+    max_cap: int = Field(default=256, ge=1, le=100_000)
+    safe_cap: int = Field(default=8, ge=0)
+    leak_cap: int = Field(default=4, ge=0)
+    cap_rise_per_s: float = Field(default=32.0, gt=0)
+
+    @model_validator(mode="after")
+    def _caps(self) -> ControlConfig:
+        for name in ("min_cap", "safe_cap", "leak_cap"):
+            if getattr(self, name) > self.max_cap:
+                raise ValueError(f"{name} must be <= max_cap")
+        if self.cap_refresh_s >= self.cap_ttl_s:
+            raise ValueError("cap_refresh_s must be < cap_ttl_s")
+        return self
+
+
+class CoolantConfig(_Section):
+    """Coolant, CDU and leak sensors read over MQTT, and the coolant's physics (agent/coolant.py)."""
+
+    subscribe: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(
+        default_factory=list,
+        description="topic filters for the rack's sensors; a message on one that no sensor declares is rejected",
+    )
+    sensors: list[CoolantSensor] = Field(default_factory=list)
+    cp_j_per_kg_k: float = Field(default=4186.0, gt=0, le=10_000, description="coolant specific heat (water)")
+    density_kg_per_l: float = Field(default=0.997, gt=0, le=5, description="coolant density (water)")
+    design_delta_t_c: float = Field(default=10.0, gt=0, le=50, description="design supply→return rise")
+    max_future_s: float = Field(default=5.0, ge=0, le=3600, description="clock skew allowed in payload timestamps")
+    leak_clear: Literal["ack", "auto"] = Field(
+        default="ack", description="ack: a leak stays latched until the detector reads OK and an operator acks"
+    )
+
+    @model_validator(mode="after")
+    def _unique(self) -> CoolantConfig:
+        for attr in ("id", "topic"):
+            seen: set[str] = set()
+            for s in self.sensors:
+                if getattr(s, attr) in seen:
+                    raise ValueError(f"two coolant sensors have {attr} {getattr(s, attr)!r}")
+                seen.add(getattr(s, attr))
+        return self
 
 
 class LogConfig(_Section):
@@ -180,8 +261,11 @@ class Config(_Section):
     mqtt: MqttConfig = Field(default_factory=MqttConfig)
     sensors: SensorsConfig = Field(default_factory=SensorsConfig)
     sim: SimConfig = Field(default_factory=SimConfig)
+    coolant: CoolantConfig = Field(default_factory=CoolantConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+    outbox: OutboxConfig = Field(default_factory=OutboxConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
+    control: ControlConfig = Field(default_factory=ControlConfig)
     log: LogConfig = Field(default_factory=LogConfig)
 
     @model_validator(mode="after")

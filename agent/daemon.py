@@ -11,21 +11,58 @@ import asyncio
 import contextlib
 import signal
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from agent import __version__
 from agent import log as logmod
-from agent.config import Config
-from agent.messages import GpuInventory, HostTelemetry, NodeId, Status, Telemetry, Thresholds, dump
+from agent.config import Config, ConfigError
+from agent.control import ControlLoop, limits_from
+from agent.coolant import CoolantMonitor, LeakEvent
+from agent.http import METRICS_CONTENT_TYPE, HttpServer, json_response
+from agent.messages import Cap, GpuInventory, HostTelemetry, NodeId, Status, Telemetry, Thresholds, dump
 from agent.metrics import Metrics
 from agent.mqtt import ClientFactory, MqttLink, Topics, aiomqtt_factory
-from agent.outbox import MemoryOutbox, OutMsg
+from agent.notify import Notifier
+from agent.outbox import OutMsg, open_outbox
 from agent.sensing import GpuPoller
 from agent.telemetry import Window
+from controllers.api import CoolantObs, Decision, GpuObs, Observation
 from sensors.base import GpuBackend, GpuInfo
+from sensors.coolant import Reading
+from sensors.sim import SimBackend
 
 SHUTDOWN_BUDGET_S = 4.5  # SIGTERM → exit within 5 s
+
+# Config keys SIGHUP cannot apply to a running agent (they need a restart); everything
+# else is swapped in live (log, periods, timeouts, outbox bound and replay rate).
+RESTART_KEYS = (
+    "node",
+    "mqtt",
+    "http",
+    "sim",
+    "outbox.path",
+    "outbox.synchronous",
+    "sensors.backend",
+    "sensors.gpu_indices",
+)
+
+
+def split_reload(
+    old: Config, new: Config, restart_keys: tuple[str, ...] = RESTART_KEYS
+) -> tuple[Config, list[str]]:
+    """The part of ``new`` that can apply live (``old`` kept for restart keys) and the keys kept."""
+    o, n = old.model_dump(), new.model_dump()
+    kept = []
+    for key in restart_keys:
+        section, _, field = key.partition(".")
+        src, dst = (o[section], n[section]) if field else (o, n)
+        name = field or section
+        if src[name] != dst[name]:
+            kept.append(key)
+            dst[name] = src[name]
+    return (Config.model_validate(n) if kept else new), kept
 
 
 def make_backend(cfg: Config) -> GpuBackend:
@@ -76,8 +113,11 @@ class Agent:
         *,
         client_factory: ClientFactory | None = None,
         on_telemetry: Callable[[Telemetry], None] | None = None,
+        reload_config: Callable[[], Config] | None = None,
+        on_leak: Callable[[LeakEvent], None] | None = None,
     ) -> None:
         self.cfg = cfg
+        self.reload_config = reload_config  # SIGHUP: re-read and validate the config
         self.backend = backend or make_backend(cfg)
         self.node = NodeId(site=cfg.node.site, rack=cfg.node.rack, name=cfg.node.name)
         self.topics = Topics.for_node(cfg.node, cfg.mqtt.topic_prefix)
@@ -88,16 +128,39 @@ class Agent:
             client_factory=client_factory or aiomqtt_factory(cfg.mqtt, client_id),
             offline_payload=self._offline,
             on_connect=self._birth,
-            outbox=MemoryOutbox(cfg.telemetry.queue_max_messages),
+            outbox=open_outbox(
+                cfg.outbox.resolved_path(), cfg.outbox.max_messages, synchronous=cfg.outbox.synchronous
+            ),
+            replay_rate_msgs_s=cfg.outbox.replay_rate_msgs_s,
         )
+        self.notifier = Notifier()
         self.on_telemetry = on_telemetry
         self.metrics = Metrics()
         self.stop = asyncio.Event()
         self.infos: list[GpuInfo] = []
         self.poller: GpuPoller | None = None
-        self.telemetry_seq = 0
+        self.telemetry_seq = self.link.outbox.last_seq("telemetry")  # continues across restarts
+        self._dropped_seen = self.link.outbox.dropped_total
+        self.cap_seq = 0
+        self.http: HttpServer | None = None
+        self.last_poll_mono: float | None = None
+        self.control: ControlLoop | None = None
+        self.cap_msg: Cap | None = None
+        self._cap_published_mono = -1e18
         self.log = logmod.get("agent")
         self._host: Any = None
+        self.on_leak = on_leak  # an extra leak hook (tests, benchmarks)
+        self.leak_events: deque[LeakEvent] = deque(maxlen=256)
+        self.coolant = CoolantMonitor(
+            cfg.coolant,
+            node=self.node,
+            metrics=self.metrics,
+            publish=self.link.enqueue,
+            alarm_topic=self.topics.alarm,
+            on_leak=self._on_leak,
+            on_reading=self._on_coolant_reading,
+        )
+        self.coolant.attach(self.link)
 
     # -- messages ----------------------------------------------------------------------
     def _offline(self, reason: str) -> bytes:
@@ -139,8 +202,10 @@ class Agent:
             node=self.node,
             gpus=window.gpu_messages(self.poller.gpus),
             host=host,
+            dropped_total=self.link.outbox.dropped_total,
+            coolant=self.coolant.telemetry(self.gpu_power_w()) if self.coolant.sensors else None,
         )
-        self.link.enqueue(OutMsg(self.topics.telemetry, dump(msg), kind="telemetry"))
+        self.link.enqueue(OutMsg(self.topics.telemetry, dump(msg), kind="telemetry", seq=self.telemetry_seq))
         self._update_metrics()
         if self.on_telemetry:
             self.on_telemetry(msg)
@@ -165,6 +230,155 @@ class Agent:
         m.telemetry_published.inc()
         m.mqtt_connected.set(1.0 if self.link.connected else 0.0)
         m.mqtt_queue_depth.set(len(self.link.outbox))
+        dropped = self.link.outbox.dropped_total
+        if dropped > self._dropped_seen:
+            m.mqtt_dropped.inc(dropped - self._dropped_seen)
+        self._dropped_seen = dropped
+
+    # -- coolant ----------------------------------------------------------------------
+    def _on_leak(self, event: LeakEvent) -> None:
+        """The safety hook: runs inside the MQTT handler the moment a leak is parsed."""
+        self.leak_events.append(event)
+        self.log.warning("leak_event", sensor=event.sensor_id, state=event.state, latched=event.latched)
+        if self.on_leak is not None:
+            self.on_leak(event)
+
+    def _on_coolant_reading(self, reading: Reading) -> None:
+        """The simulated GPUs are cooled by what the coolant sensors read."""
+        if isinstance(self.backend, SimBackend):
+            v = reading.values
+            if "supply_temp_c" in v or "flow_lpm" in v:
+                self.backend.set_coolant(supply_temp_c=v.get("supply_temp_c"), flow_lpm=v.get("flow_lpm"))
+
+    def gpu_power_w(self) -> float | None:
+        """Electrical power of the node's GPUs (last samples), or None if any GPU is unknown."""
+        assert self.poller is not None
+        powers = [g.sample.power_w if g.sample and g.state == "ok" else None for g in self.poller.gpus]
+        if not powers or any(p is None for p in powers):
+            return None
+        return float(sum(p for p in powers if p is not None))
+
+    # -- control ----------------------------------------------------------------------
+    def coolant_obs(self) -> CoolantObs:
+        """The coolant loop as the controllers see it (no sensors: unknown, not stale)."""
+        return CoolantObs()
+
+    def concurrency(self, index: int) -> float:
+        """Requests in flight on a GPU: the simulator's served load, else the cap itself."""
+        served = getattr(self.backend, "served", None)
+        if served is not None:
+            return float(served(index))
+        d = self.control.decision if self.control else None
+        return float(d.caps[index]) if d else 0.0
+
+    def observation(self) -> Observation:
+        """One frozen snapshot of every sensor for the controllers."""
+        assert self.poller is not None
+        gpus = []
+        for g in self.poller.gpus:
+            s = g.sample if g.state == "ok" else None
+            gpus.append(
+                GpuObs(
+                    gpu_temp_c=s.gpu_temp_c if s else None,
+                    mem_temp_c=s.mem_temp_c if s else None,
+                    power_w=s.power_w if s else None,
+                    concurrency=self.concurrency(g.info.index),
+                    lost=g.state == "lost",
+                )
+            )
+        return Observation(t_s=time.monotonic(), gpus=tuple(gpus), coolant=self.coolant_obs())
+
+    def control_step(self) -> Decision:
+        assert self.control is not None
+        obs = self.observation()
+        try:
+            decision = self.control.step(obs)
+        except Exception:  # a controller bug must never leave the old cap standing
+            self.log.exception("control_step_failed")
+            self.control.proposed = None
+            decision = self.control.react(obs)
+        self.apply(decision)
+        return decision
+
+    def react(self) -> Decision:
+        """Apply the safety layer now, between ticks (a leak, an operator command)."""
+        assert self.control is not None
+        decision = self.control.react(self.observation())
+        self.apply(decision, force=True)
+        return decision
+
+    def apply(self, decision: Decision, *, force: bool = False) -> None:
+        """Publish the cap (on change, or every cap_refresh_s) and hand it to the actuators."""
+        c = self.cfg.control
+        prev = self.cap_msg
+        changed = prev is None or (prev.caps, prev.reason, prev.binding) != (
+            list(decision.caps),
+            decision.reason,
+            decision.binding,
+        )
+        set_caps = getattr(self.backend, "set_caps", None)
+        if set_caps is not None:
+            set_caps(decision.caps)  # the simulated inference servers obey at once
+        now_mono = time.monotonic()
+        if not (changed or force or now_mono - self._cap_published_mono >= c.cap_refresh_s):
+            return
+        if changed:
+            self.log.info(
+                "cap_changed", total=decision.total, reason=decision.reason, binding=decision.binding
+            )
+        self.cap_seq += 1
+        now = time.time()
+        assert self.control is not None
+        self.cap_msg = Cap(
+            seq=self.cap_seq,
+            t_s=now,
+            valid_until_s=now + c.cap_ttl_s,
+            node=self.node,
+            caps=list(decision.caps),
+            total=decision.total,
+            reason=decision.reason,
+            binding=decision.binding,
+            predicted_max_temp_c=decision.predicted_max_temp_c,
+            safe_cap=c.safe_cap,
+            max_cap=c.max_cap,
+            mpc_paused=self.control.paused,
+            manual_ceiling=self.control.manual_ceiling,
+        )
+        self._cap_published_mono = now_mono
+        self.link.set_state(self.topics.cap, dump(self.cap_msg), expiry_s=round(c.cap_ttl_s))
+
+    # -- HTTP ---------------------------------------------------------------------------
+    def health(self) -> list[str]:
+        """What is wrong right now (empty when healthy)."""
+        problems = []
+        now = time.monotonic()
+        poll_stall_s = max(2.0, 5 * self.cfg.sensors.poll_period_s)
+        if self.poller is None or self.last_poll_mono is None or now - self.last_poll_mono > poll_stall_s:
+            problems.append("sensing loop stalled")
+        elif lost := [g.info.index for g in self.poller.gpus if g.state == "lost"]:
+            problems.append(f"gpu lost: {lost}")
+        control_stall_s = max(3.0, 3 * self.cfg.control.period_s)
+        last = self.control.last_step_mono if self.control else None
+        if last is None or now - last > control_stall_s:
+            problems.append("control loop stalled")
+        return problems
+
+    def _http_routes(self) -> dict[str, Callable[[], tuple[int, str, bytes]]]:
+        def metrics() -> tuple[int, str, bytes]:
+            self.metrics.mqtt_queue_depth.set(len(self.link.outbox))
+            self.metrics.mqtt_connected.set(1.0 if self.link.connected else 0.0)
+            return 200, METRICS_CONTENT_TYPE, self.metrics.render()
+
+        def healthz() -> tuple[int, str, bytes]:
+            problems = self.health()
+            return json_response(503 if problems else 200, {"ok": not problems, "problems": problems})
+
+        def cap() -> tuple[int, str, bytes]:
+            if self.cap_msg is None:
+                return json_response(503, {"error": "no cap decided yet"})
+            return 200, "application/json", dump(self.cap_msg)
+
+        return {"/metrics": metrics, "/healthz": healthz, "/v1/cap": cap}
 
     # -- lifecycle ---------------------------------------------------------------------
     def request_stop(self, reason: str = "signal") -> None:
@@ -177,6 +391,8 @@ class Agent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.request_stop, sig.name)
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signal.SIGHUP, self.reload)
         from sensors.base import SensorError
 
         try:
@@ -202,6 +418,9 @@ class Agent:
                 c.seconds
             ),
         )
+        self.control = ControlLoop(
+            limits_from(self.cfg.control, self.infos, cp=4186.0, density=0.997), len(self.infos)
+        )
         self.log.info(
             "started",
             version=__version__,
@@ -210,28 +429,91 @@ class Agent:
             topic=self.topics.base,
             broker=f"{self.cfg.mqtt.host}:{self.cfg.mqtt.port}",
         )
+        if self.cfg.http.port:
+            self.http = HttpServer(self.cfg.http.host, self.cfg.http.port, self._http_routes())
+            try:
+                await self.http.start()
+            except OSError as exc:
+                self.log.error("http_bind_failed", port=self.cfg.http.port, error=str(exc))
+                return 1
         link_task = asyncio.create_task(self.link.run(self.stop))
+        self.notifier.ready(self.status_line())
         try:
             await self._tick_loop()
         finally:
+            self.notifier.stopping()
             try:
                 await asyncio.wait_for(link_task, SHUTDOWN_BUDGET_S)
             except TimeoutError:
                 self.log.warning("shutdown_flush_timeout", queued=len(self.link.outbox))
             self.poller.close()
+            if self.http is not None:
+                await self.http.close()
             await asyncio.to_thread(self.backend.close)
+            self.link.outbox.close()
             self.log.info("stopped")
         return 0
+
+    def status_line(self) -> str:
+        """One line for ``systemctl status`` (sd_notify STATUS=)."""
+        gpus = self.poller.gpus if self.poller else []
+        ok = sum(1 for g in gpus if g.state == "ok")
+        mqtt = "connected" if self.link.connected else "disconnected"
+        return (
+            f"{ok}/{len(gpus)} GPUs ok, MQTT {mqtt}, {len(self.link.outbox)} queued, seq {self.telemetry_seq}"
+        )
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the config; if valid apply what can change live, else keep running as is."""
+        if self.reload_config is None:
+            self.log.warning("reload_unsupported", reason="no config file to re-read")
+            return
+        self.notifier.reloading()
+        try:
+            try:
+                new = self.reload_config()
+            except ConfigError as exc:
+                self.log.error(
+                    "reload_rejected", errors=[f"{k}: {r}" for k, r in exc.errors], kept="running config"
+                )
+                return
+            old = self.cfg
+            set_limits = getattr(self.control, "set_limits", None)  # limits apply live once supported
+            extra = () if set_limits else ("control",)
+            new, kept = split_reload(old, new, RESTART_KEYS + extra)
+            if new.log != old.log:
+                logmod.configure(new.log.level, new.log.format)
+            if self.poller is not None:
+                s = new.sensors
+                self.poller.read_timeout_s = s.read_timeout_s
+                self.poller.slow_every = max(1, round(s.slow_period_s / s.poll_period_s))
+                self.poller.retry_min_s, self.poller.retry_max_s = s.lost_retry_min_s, s.lost_retry_max_s
+            self.link.outbox.max_messages = new.outbox.max_messages
+            self.link.replay.rate_per_s = new.outbox.replay_rate_msgs_s
+            if set_limits and new.control != old.control:
+                set_limits(limits_from(new.control, self.infos, cp=4186.0, density=0.997))
+            self.cfg = new
+            self.log.info("reloaded", needs_restart=kept or None)
+        finally:
+            self.notifier.ready(self.status_line())
 
     async def _tick_loop(self) -> None:
         assert self.poller is not None
         period = self.cfg.sensors.poll_period_s
         publish_every = self.cfg.telemetry.publish_period_s
+        control_every = self.cfg.control.period_s
         start = time.monotonic()
         next_tick = start
         next_publish = start + publish_every
+        next_control = start
         window = Window()
         while not self.stop.is_set():
+            # Periods are re-read every tick so a SIGHUP reload applies them.
+            period = self.cfg.sensors.poll_period_s
+            publish_every = self.cfg.telemetry.publish_period_s
+            control_every = self.cfg.control.period_s
+            # The watchdog is fed from this loop itself: if it stalls, systemd restarts us.
+            self.notifier.watchdog()
             now = time.monotonic()
             if next_tick > now:
                 with contextlib.suppress(TimeoutError):
@@ -241,10 +523,16 @@ class Agent:
             late = time.monotonic() - next_tick
             self.metrics.tick_lateness_s.observe(max(0.0, late))
             gpus = await self.poller.poll()
+            self.last_poll_mono = time.monotonic()
             window.add(gpus)
+            self.coolant.check()
             now = time.monotonic()
+            if now >= next_control:
+                self.control_step()
+                next_control += control_every * max(1, int((now - next_control) // control_every) + 1)
             if now >= next_publish:
                 await self._publish_window(window)
+                self.notifier.status(self.status_line())
                 window = Window()
                 next_publish += publish_every * max(1, int((now - next_publish) // publish_every) + 1)
             next_tick += period

@@ -92,6 +92,39 @@ class HostTelemetry(_Msg):
     agent_rss_mb: float | None = None
 
 
+class CoolantSensorTelemetry(_Msg):
+    """One declared coolant sensor: its latest valid reading, age and state."""
+
+    id: str
+    kind: str
+    state: Literal["ok", "stale"] = Field(description="stale: no valid reading within max_age_s (or never)")
+    age_s: float | None = Field(description="age of the latest valid reading; null if none yet")
+    t_s: float | None = Field(description="sample time of the latest valid reading")
+    values: dict[str, float] = Field(description="latest valid values, canonical unit-suffixed names")
+    leak: Literal["ok", "warning", "critical"] | None = Field(None, description="detector reading (leak only)")
+    leak_latched: Literal["ok", "warning", "critical"] | None = Field(None, description="latch (leak only)")
+    rejected: int = Field(description="payloads rejected since start")
+
+
+class CoolantTelemetry(_Msg):
+    """The coolant loop: fresh values only (null when stale or unknown), derived physics, leaks."""
+
+    supply_temp_c: float | None
+    return_temp_c: float | None
+    flow_lpm: float | None
+    diff_pressure_kpa: float | None
+    stale: bool = Field(description="a declared sensor has no valid reading within its max_age_s")
+    leak: Literal["ok", "warning", "critical"] = Field(description="worst leak state, latched or current")
+    leak_latched: bool
+    gpu_power_w: float | None = Field(description="electrical GPU power used for the derived values")
+    heat_removed_w: float | None = Field(description="flow·ρ·cp·(T_return − T_supply)")
+    flow_required_lpm: float | None = Field(description="gpu_power_w / (ρ·cp·ΔT_design)")
+    flow_margin: float | None = Field(description="flow_lpm / flow_required_lpm")
+    heat_capture_ratio: float | None = Field(description="heat_removed_w / gpu_power_w")
+    rejected_undeclared: int = Field(description="messages on the sensor filters but no declared topic")
+    sensors: list[CoolantSensorTelemetry]
+
+
 class Telemetry(_Msg):
     """One message per node per publish period on ``.../telemetry``."""
 
@@ -102,15 +135,51 @@ class Telemetry(_Msg):
     window_end_s: float
     node: NodeId
     historical: bool = Field(False, description="true when replayed after an outage")
+    dropped_total: int = Field(
+        0, description="messages this node's outbox ever dropped when full (oldest telemetry first)"
+    )
     gpus: list[GpuTelemetry]
     host: HostTelemetry | None = None
+    coolant: CoolantTelemetry | None = Field(None, description="absent when no coolant sensors are declared")
+
+
+class Cap(_Msg):
+    """Retained on ``.../cap`` with an MQTT 5 message expiry: the concurrency cap to obey."""
+
+    schema_: Literal["rackguard.cap/1"] = Field("rackguard.cap/1", alias="schema")
+    seq: int
+    t_s: float = Field(description="time of the observation the decision was made from")
+    valid_until_s: float = Field(description="obey until then; afterwards fall back to safe_cap")
+    node: NodeId
+    caps: list[int] = Field(description="requests in flight allowed per GPU, by GPU index")
+    total: int = Field(description="sum of caps: requests in flight allowed on the node")
+    reason: Literal["mpc", "leak", "stale", "thermal", "gpu_lost", "manual"]
+    binding: Literal["gpu_temp", "mem_temp", "power", "coolant_flow", "safety", "manual", "none"]
+    predicted_max_temp_c: float | None = None
+    safe_cap: int
+    max_cap: int
+    mpc_paused: bool = False
+    manual_ceiling: int | None = None
+
+
+class Alarm(_Msg):
+    """Retained on ``.../alarm`` (QoS 1, never dropped from the outbox)."""
+
+    schema_: Literal["rackguard.alarm/1"] = Field("rackguard.alarm/1", alias="schema")
+    t_s: float
+    node: NodeId
+    alarm: Literal["coolant_leak"]
+    sensor: str
+    state: Literal["ok", "warning", "critical"] = Field(description="what the sensor reads now")
+    latched: Literal["ok", "warning", "critical"] = Field(description="the latched state (ok = cleared)")
+    ack_required: bool = Field(description="the latch clears only after an OK reading and an operator ack")
 
 
 def dump(msg: BaseModel) -> bytes:
     return msg.model_dump_json(by_alias=True, exclude_none=False).encode()
 
 
-MESSAGES: dict[str, type[BaseModel]] = {"status": Status, "telemetry": Telemetry}
+MESSAGES: dict[str, type[BaseModel]] = {"status": Status, "telemetry": Telemetry, "cap": Cap, "alarm": Alarm}
 
 
 def schemas() -> dict[str, Any]:

@@ -1,0 +1,87 @@
+"""The control step: one observation → MPC → safety layer → decision.
+
+The controllers are pure; this module only builds their limits from config and
+the GPUs' own thresholds, holds the operator's bounded overrides (pause, manual
+ceiling), and times each step.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from agent.config import ControlConfig
+from controllers.api import Decision, Limits, Observation
+from controllers.mpc import MpcController
+from controllers.safety import SafetyLayer
+from sensors.base import GpuInfo
+
+
+def limits_from(cfg: ControlConfig, infos: list[GpuInfo], *, cp: float, density: float) -> Limits:
+    """Limits from config, defaulting temperatures to the strictest GPU's thresholds."""
+
+    def strictest(attr: str, fallback: float) -> float:
+        values = [v for i in infos if (v := getattr(i.thresholds, attr)) is not None]
+        return min(values) if values else fallback
+
+    power_max = [i.power_limit_max_w for i in infos if i.power_limit_max_w]
+    return Limits(
+        gpu_temp_max_c=cfg.gpu_temp_max_c or strictest("gpu_max_c", 87.0),
+        mem_temp_max_c=cfg.mem_temp_max_c or strictest("mem_max_c", 95.0),
+        slowdown_c=cfg.slowdown_c or strictest("slowdown_c", 89.0),
+        margin_c=cfg.margin_c,
+        node_power_budget_w=cfg.node_power_budget_w,
+        design_delta_t_c=cfg.design_delta_t_c,
+        coolant_cp_j_per_kg_k=cp,
+        coolant_density_kg_per_l=density,
+        min_cap=cfg.min_cap,
+        max_cap=cfg.max_cap,
+        safe_cap=cfg.safe_cap,
+        leak_cap=cfg.leak_cap,
+        cap_rise_per_s=cfg.cap_rise_per_s,
+        gpu_power_max_w=max(power_max) if power_max else 700.0,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class StepTiming:
+    mpc_s: float
+    safety_s: float
+
+
+class ControlLoop:
+    """Holds the MPC and the safety layer for one node."""
+
+    def __init__(self, limits: Limits, n_gpus: int) -> None:
+        self.limits = limits
+        self.mpc = MpcController(limits, n_gpus)
+        self.safety = SafetyLayer(limits)
+        self.n_gpus = n_gpus
+        self.paused = False
+        self.manual_ceiling: int | None = None
+        self.proposed: Decision | None = None
+        self.decision: Decision | None = None
+        self.timings: deque[StepTiming] = deque(maxlen=10_000)
+        self.last_step_mono: float | None = None
+
+    def step(self, obs: Observation) -> Decision:
+        """A full control step: identify, optimise (unless paused), then safety."""
+        t0 = time.perf_counter()
+        proposal = self.mpc.step(obs)  # identification continues while paused
+        if not self.paused or self.proposed is None:
+            self.proposed = proposal
+        t1 = time.perf_counter()
+        self.decision = self.safety.apply(obs, self.proposed, manual_ceiling=self.manual_ceiling)
+        t2 = time.perf_counter()
+        self.timings.append(StepTiming(t1 - t0, t2 - t1))
+        self.last_step_mono = time.monotonic()
+        return self.decision
+
+    def react(self, obs: Observation) -> Decision:
+        """Safety only, between steps (a leak, an operator command): no solver, at once."""
+        proposed = self.proposed or Decision(
+            caps=(self.limits.safe_cap,) * self.n_gpus, reason="mpc", binding="none"
+        )
+        self.decision = self.safety.apply(obs, proposed, manual_ceiling=self.manual_ceiling)
+        return self.decision
