@@ -82,7 +82,6 @@ class Limits:
         leak_cap: Cap on a leak warning (a critical leak gives 0).
         cap_rise_per_s: Largest allowed cap increase per second.
         gpu_power_max_w: Largest power one GPU can draw (H100 enforced limit).
-        flow_nominal_lpm: Node flow the thermal model's plate resistance refers to.
     """
 
     gpu_temp_max_c: float = 87.0
@@ -99,7 +98,6 @@ class Limits:
     leak_cap: int = 4
     cap_rise_per_s: float = 32.0
     gpu_power_max_w: float = 700.0
-    flow_nominal_lpm: float = 16.0
 
     def coolant_heat_max_w(self, flow_lpm: float) -> float:
         """Heat the measured flow carries at the design ΔT: Q = ṁ·cp·ΔT.

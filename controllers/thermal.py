@@ -44,7 +44,8 @@ class ThermalParams:
         mem_offset_c: HBM offset over supply + model rise (heat from other sources).
         power_lag_s: The power reading lags the heat by this much (NVML's power is a
             ~1 s moving average on the H100); only used when fitting/replaying traces.
-        flow_ref_lpm: Node flow the plate resistance refers to.
+        flow_ref_lpm: Node flow the plate resistance refers to (assumed: the trace
+            machine's flow was not observable; configure your node's design flow).
         flow_exponent: Plate conductance ∝ flow^flow_exponent.
     """
 
@@ -56,7 +57,7 @@ class ThermalParams:
     tau_mem_s: float = 40.0
     mem_offset_c: float = 3.0
     power_lag_s: float = 0.0
-    flow_ref_lpm: float = 16.0
+    flow_ref_lpm: float = 12.0
     flow_exponent: float = 0.8
 
     @property
@@ -150,7 +151,9 @@ def continuous_matrices(params: ThermalParams, flow_lpm: float | None) -> tuple[
 
 
 @lru_cache(maxsize=4096)
-def _discretize_cached(params: ThermalParams, dt_ms: int, flow_key: int | None) -> tuple[FloatArray, FloatArray]:
+def _discretize_cached(
+    params: ThermalParams, dt_ms: int, flow_key: int | None
+) -> tuple[FloatArray, FloatArray]:
     flow = None if flow_key is None else flow_key / 100.0
     a, b = continuous_matrices(params, flow)
     m = np.zeros((N_STATES + 1, N_STATES + 1))
@@ -164,7 +167,9 @@ def _discretize_cached(params: ThermalParams, dt_ms: int, flow_key: int | None) 
     return ad, bd
 
 
-def discretize(params: ThermalParams, dt_s: float, flow_lpm: float | None = None) -> tuple[FloatArray, FloatArray]:
+def discretize(
+    params: ThermalParams, dt_s: float, flow_lpm: float | None = None
+) -> tuple[FloatArray, FloatArray]:
     """Exact zero-order-hold discretisation, cached (dt to 1 ms, flow to 0.01 lpm).
 
     Args:
@@ -394,7 +399,9 @@ def fit_trace(trace: Trace, *, fixed_die: ThermalParams | None = None) -> FitRes
         ym = trace.mem_temp_c
 
         def mem_sim(w: FloatArray) -> tuple[ThermalParams, FloatArray]:
-            pm = replace(prm, r_mem_k_per_w=float(math.exp(w[0])), tau_mem_s=float(math.exp(w[1])), mem_offset_c=0.0)
+            pm = replace(
+                prm, r_mem_k_per_w=float(math.exp(w[0])), tau_mem_s=float(math.exp(w[1])), mem_offset_c=0.0
+            )
             x0m = np.array([x0[0], x0[1], float(w[3])])
             return pm, simulate_rise(pm, t, lagged_power(t, p, pm.power_lag_s), x0m)[:, 2]
 
@@ -437,7 +444,9 @@ def lagged_power(t_s: FloatArray, power_w: FloatArray, lag_s: float) -> FloatArr
     return np.interp(t_s + lag_s, t_s, power_w)
 
 
-def rmse_ahead(t_s: FloatArray, measured_c: FloatArray, simulated_c: FloatArray, *, horizon_s: float) -> float:
+def rmse_ahead(
+    t_s: FloatArray, measured_c: FloatArray, simulated_c: FloatArray, *, horizon_s: float
+) -> float:
     """RMSE of h-ahead predictions: from each point, simulated change + the measured start.
 
     The prediction of T(t+h) from t is T_meas(t) + (T_sim(t+h) − T_sim(t)), i.e. the

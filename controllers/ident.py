@@ -1,0 +1,97 @@
+"""Online identification of the thermal gain and offset per GPU.
+
+The nominal RC model (:mod:`controllers.thermal`) is simulated from the measured power
+and flow; its rise over supply ``r`` is the regressor. Per GPU the measured rise obeys::
+
+    T_meas − T_supply = gain·r + offset + noise
+
+``gain`` absorbs a plant hotter or cooler per watt than the model, ``offset`` absorbs
+unseen disturbances (a wrong supply reading, heat from neighbours). Both are tracked by
+recursive least squares with random-walk (Kalman) forgetting: unlike exponential
+forgetting the covariance stays bounded without excitation, and the offset keeps
+tracking, which makes the predictor offset-free (no drift). ``gain`` is clipped to
+[gain_min, gain_max].
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import NDArray
+
+FloatArray = NDArray[np.float64]
+BoolArray = NDArray[np.bool_]
+
+
+class GainOffsetTracker:
+    """Vectorised 2-parameter (gain, offset) Kalman/RLS tracker, one per GPU.
+
+    Args:
+        n_gpus: Number of independent trackers.
+        gain_std_prior: Prior standard deviation of the gain (1.0 = nominal model).
+        offset_std_prior_k: Prior standard deviation of the offset.
+        noise_std_k: Measurement noise (integer °C readings + power bursts).
+        gain_drift_per_s: Random-walk variance rate of the gain.
+        offset_drift_k2_per_s: Random-walk variance rate of the offset.
+        gain_min: Lower bound of the gain.
+        gain_max: Upper bound of the gain.
+    """
+
+    def __init__(
+        self,
+        n_gpus: int,
+        *,
+        gain_std_prior: float = 0.3,
+        offset_std_prior_k: float = 5.0,
+        noise_std_k: float = 0.8,
+        gain_drift_per_s: float = 2e-5,
+        offset_drift_k2_per_s: float = 0.02,
+        gain_min: float = 0.5,
+        gain_max: float = 2.5,
+    ) -> None:
+        self.gain = np.ones(n_gpus)
+        self.offset_k = np.zeros(n_gpus)
+        self._cov = np.tile(np.diag([gain_std_prior**2, offset_std_prior_k**2]), (n_gpus, 1, 1))
+        self._prior_gain_var = gain_std_prior**2
+        self._noise_var = noise_std_k**2
+        self._q = np.array([gain_drift_per_s, offset_drift_k2_per_s])
+        self.gain_min = gain_min
+        self.gain_max = gain_max
+
+    def update(
+        self, rise_model_k: FloatArray, rise_meas_k: FloatArray, valid: BoolArray, dt_s: float
+    ) -> None:
+        """One Kalman update per GPU.
+
+        Args:
+            rise_model_k: Nominal model rise over supply (the regressor).
+            rise_meas_k: Measured rise over supply.
+            valid: Which GPUs have a usable measurement.
+            dt_s: Time since the previous update (drives the random walk).
+        """
+        cov = self._cov.copy()
+        cov[:, 0, 0] += self._q[0] * dt_s
+        cov[:, 1, 1] += self._q[1] * dt_s
+        phi = np.stack([rise_model_k, np.ones_like(rise_model_k)], axis=-1)
+        pred = self.gain * rise_model_k + self.offset_k
+        err = np.where(valid, rise_meas_k - pred, 0.0)
+        p_phi = np.einsum("gij,gj->gi", cov, phi)
+        s = np.einsum("gi,gi->g", phi, p_phi) + self._noise_var
+        k = p_phi / s[:, None]
+        v = valid[:, None]
+        self.gain = np.clip(self.gain + np.where(valid, k[:, 0] * err, 0.0), self.gain_min, self.gain_max)
+        self.offset_k = self.offset_k + np.where(valid, k[:, 1] * err, 0.0)
+        upd = cov - np.einsum("gi,gj->gij", k, p_phi)
+        self._cov = np.where(v[..., None], upd, cov)
+
+    @property
+    def gain_std(self) -> FloatArray:
+        """Posterior standard deviation of the gain."""
+        return np.sqrt(np.maximum(self._cov[:, 0, 0], 0.0))
+
+    def confidence(self) -> FloatArray:
+        """Per-GPU confidence in [0, 1]: 1 − posterior/prior gain standard deviation."""
+        return np.clip(1.0 - self.gain_std / np.sqrt(self._prior_gain_var), 0.0, 1.0)
+
+    def estimate_k(self, rise_model_k: FloatArray) -> FloatArray:
+        """Estimated rise over supply for a model rise."""
+        return self.gain * rise_model_k + self.offset_k

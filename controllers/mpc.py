@@ -1,0 +1,312 @@
+"""Model-predictive concurrency controller.
+
+Each step, per GPU:
+
+1. propagate the nominal RC model (:mod:`controllers.thermal`) with the measured power
+   and flow, and update the (gain, offset) tracker (:mod:`controllers.ident`) and the
+   power-vs-concurrency model (:mod:`controllers.power`);
+2. predict die and HBM temperature over a horizon of ``horizon_steps`` × ``step_s``
+   (default 30 s, two slow time constants) plus the steady state, anchored on the
+   current estimate (offset-free) and with the gain's upper confidence bound for rises
+   (lower bound for falls), and with the supply temperature's rising trend extrapolated;
+3. choose the cap sequence: caps are held over the horizon (move blocking). The plant is
+   a positive system (temperature monotone in power, power monotone in concurrency), so
+   every constraint row is monotone in the held power and the largest feasible power
+   has a closed form, min over rows of (limit − free response)/step gain. That is the
+   exact optimum of "maximise served concurrency subject to every row";
+4. node constraints (power budget, heat the measured flow carries at design ΔT) are
+   shared by water-filling a common per-GPU power ceiling (bisection);
+5. the largest integer cap whose conservative power fits is found by bisection; a rise
+   smaller than ``raise_deadband`` is not taken (the change penalty), falls always are.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import get_args
+
+import numpy as np
+from numpy.typing import NDArray
+
+from controllers.api import Binding, Decision, Limits, Observation
+from controllers.ident import GainOffsetTracker
+from controllers.power import OnlinePowerModel
+from controllers.thermal import DEFAULT_PARAMS, N_STATES, ThermalParams, discretize
+
+FloatArray = NDArray[np.float64]
+
+
+@dataclass(frozen=True, slots=True)
+class MpcSettings:
+    """Tuning of :class:`MpcController`.
+
+    Attributes:
+        step_s: Prediction step.
+        horizon_steps: Prediction steps (horizon = step_s × horizon_steps ≥ 15 s).
+        gain_sigmas: Standard deviations of the gain used for a conservative prediction.
+        assumed_supply_c: Supply temperature assumed when none is measured (the offset
+            estimate absorbs the error).
+        raise_deadband: A cap rise smaller than this is not taken.
+        boost_block_s: Length of the first block of the planned cap sequence.
+        rise_hysteresis_w: A cap rises only if its power fits with this much to spare.
+    """
+
+    step_s: float = 1.0
+    horizon_steps: int = 30
+    gain_sigmas: float = 2.0
+    assumed_supply_c: float = 30.0
+    raise_deadband: int = 2
+    boost_block_s: float = 10.0
+    rise_hysteresis_w: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Predictor:
+    a_pow: FloatArray  # (N, 3, 3): Ad^k, k = 1..N
+    gain_const: FloatArray  # (N+1, 3): response to unit power held from step 0; last row steady
+    gain_a: FloatArray  # (N+1, 3): response to unit power during the first block only
+    gain_b: FloatArray  # (N+1, 3): response to unit power from the end of the first block on
+
+
+class MpcController:
+    """MPC that picks the highest per-GPU concurrency caps keeping predictions in limits.
+
+    Args:
+        limits: Limits to keep (temperatures minus ``margin_c``).
+        n_gpus: GPUs on the node.
+        model: Nominal thermal parameters (identical GPUs); defaults fitted from traces.
+        settings: Tuning.
+    """
+
+    def __init__(
+        self,
+        limits: Limits,
+        n_gpus: int,
+        model: ThermalParams = DEFAULT_PARAMS,
+        *,
+        settings: MpcSettings | None = None,
+    ) -> None:
+        self.limits = limits
+        self.n_gpus = n_gpus
+        self.model = model
+        self.settings = settings or MpcSettings()
+        self.power_model = OnlinePowerModel(n_gpus, limits.gpu_power_max_w)
+        self.die = GainOffsetTracker(n_gpus)
+        self.mem = GainOffsetTracker(n_gpus)
+        self._x = np.zeros((n_gpus, N_STATES))
+        self._t_s: float | None = None
+        self._supply_c: float | None = None
+        self._supply_slope_c_per_s = 0.0
+        self._mem_seen = np.zeros(n_gpus, dtype=bool)
+        self._caps = np.full(n_gpus, limits.min_cap, dtype=np.int64)
+        self._predictors: dict[int | None, _Predictor] = {}
+        self.last_power_allowed_w = np.zeros(n_gpus)
+
+    # --- model -----------------------------------------------------------------------------------
+    def _predictor(self, flow_lpm: float | None) -> _Predictor:
+        key = None if flow_lpm is None else round(flow_lpm * 10.0)
+        pred = self._predictors.get(key)
+        if pred is None:
+            flow = None if key is None else key / 10.0
+            ad, bd = discretize(self.model, self.settings.step_s, flow)
+            n = self.settings.horizon_steps
+            a_pow = np.empty((n, N_STATES, N_STATES))
+            gain = np.empty((n, N_STATES))
+            a_k = np.eye(N_STATES)
+            acc = np.zeros(N_STATES)
+            for k in range(n):
+                acc = acc + a_k @ bd
+                a_k = ad @ a_k
+                a_pow[k] = a_k
+                gain[k] = acc
+            die, _, mem = self.model.steady_rise_k(1.0, flow)
+            steady = np.array([die, 0.0, mem])
+            k_a = max(1, min(n - 1, round(self.settings.boost_block_s / self.settings.step_s)))
+            g_a = gain.copy()
+            g_a[k_a:] -= gain[: n - k_a]
+            g_b = np.zeros_like(gain)
+            g_b[k_a:] = gain[: n - k_a]
+            pred = _Predictor(
+                a_pow,
+                np.vstack([gain, steady]),
+                np.vstack([g_a, np.zeros(N_STATES)]),
+                np.vstack([g_b, steady]),
+            )
+            if len(self._predictors) > 512:
+                self._predictors.clear()
+            self._predictors[key] = pred
+        return pred
+
+    def _init_state(self, supply_c: float, temp_c: FloatArray, power_w: FloatArray) -> None:
+        r_dp = self.model.r_die_plate_k_per_w
+        x_die = np.where(np.isfinite(temp_c), temp_c - supply_c, self.model.r_total_k_per_w * power_w)
+        x_plate = np.maximum(x_die - r_dp * power_w, 0.0)
+        x_die = x_plate + r_dp * power_w
+        self._x = np.stack([x_die, x_plate, x_plate + self.model.r_mem_k_per_w * power_w], axis=1)
+
+    # --- step ------------------------------------------------------------------------------------
+    def step(self, obs: Observation) -> Decision:
+        """Identify from this observation and decide the caps.
+
+        Args:
+            obs: The node now.
+
+        Returns:
+            Integer caps in [min_cap, max_cap], reason "mpc".
+        """
+        s = self.settings
+        gpus = obs.gpus
+        lost = np.array([g.lost for g in gpus], dtype=bool)
+        temp_c = np.array([np.nan if g.gpu_temp_c is None or g.lost else g.gpu_temp_c for g in gpus])
+        mem_c = np.array([np.nan if g.mem_temp_c is None or g.lost else g.mem_temp_c for g in gpus])
+        conc = np.array([max(g.concurrency, 0.0) for g in gpus])
+        power_meas = np.array([np.nan if g.power_w is None or g.lost else g.power_w for g in gpus])
+        have_power = np.isfinite(power_meas)
+        power_w = np.where(have_power, power_meas, self.power_model.conservative_power_w(conc))
+
+        supply_meas = obs.coolant.supply_temp_c if not obs.coolant.stale else None
+        flow = obs.coolant.flow_lpm if not obs.coolant.stale else None
+        supply_c = supply_meas if supply_meas is not None else (self._supply_c or s.assumed_supply_c)
+
+        if self._t_s is None:
+            self._init_state(supply_c, temp_c, power_w)
+            dt_s = s.step_s
+        else:
+            dt_s = max(obs.t_s - self._t_s, 1e-3)
+            ad, bd = discretize(self.model, min(dt_s, 60.0), flow)
+            self._x = self._x @ ad.T + power_w[:, None] * bd[None, :]
+            if self._supply_c is not None and supply_meas is not None:
+                slope = (supply_meas - self._supply_c) / dt_s
+                alpha = min(dt_s / 30.0, 1.0)
+                self._supply_slope_c_per_s += alpha * (slope - self._supply_slope_c_per_s)
+        self._t_s = obs.t_s
+        self._supply_c = supply_c
+
+        have_t = np.isfinite(temp_c)
+        self.die.update(self._x[:, 0], np.where(have_t, temp_c - supply_c, 0.0), have_t, dt_s)
+        have_m = np.isfinite(mem_c)
+        self._mem_seen |= have_m
+        mem_rise = mem_c - supply_c - self.model.mem_offset_c
+        self.mem.update(self._x[:, 2], np.where(have_m, mem_rise, 0.0), have_m, dt_s)
+        self.power_model.update(conc, power_meas, have_power & ~lost)
+
+        return self._solve(supply_c, flow, lost)
+
+    def _solve(self, supply_c: float, flow_lpm: float | None, lost: NDArray[np.bool_]) -> Decision:
+        lim = self.limits
+        s = self.settings
+        pred = self._predictor(flow_lpm)
+        n_rows = s.horizon_steps + 1
+        # Free response of each state (n, N+1, 3); the last row is the steady state (free → 0).
+        free = np.zeros((self.n_gpus, n_rows, N_STATES))
+        free[:, :-1, :] = np.einsum("kij,gj->gki", pred.a_pow, self._x)
+        t_rows_s = s.step_s * np.arange(1, n_rows + 1, dtype=float)
+        t_rows_s[-1] = s.step_s * s.horizon_steps
+        supply_rise_k = max(self._supply_slope_c_per_s, 0.0) * t_rows_s  # (N+1,)
+
+        def room(tracker: GainOffsetTracker, state: int, limit_c: float, offset_c: float) -> FloatArray:
+            # Largest model rise each row may add over its free response, (n, N+1).
+            r_now = self._x[:, state]
+            est_c = supply_c + offset_c + tracker.estimate_k(r_now)
+            g_hi = np.minimum(tracker.gain + s.gain_sigmas * tracker.gain_std, tracker.gain_max)
+            g_lo = np.maximum(tracker.gain - s.gain_sigmas * tracker.gain_std, tracker.gain_min)
+            head_k = limit_c - est_c[:, None] - supply_rise_k[None, :]
+            d_rise_max = np.where(head_k >= 0, head_k / g_hi[:, None], head_k / g_lo[:, None])
+            return np.asarray(d_rise_max + r_now[:, None] - free[:, :, state])
+
+        room_die = room(self.die, 0, lim.gpu_temp_max_c - lim.margin_c, 0.0)
+        room_mem = room(self.mem, 2, lim.mem_temp_max_c - lim.margin_c, self.model.mem_offset_c)
+        p_max = lim.gpu_power_max_w
+        # Tail: the largest power held over the whole horizon and beyond.
+        p_die_tail = np.min(room_die / pred.gain_const[None, :, 0], axis=1)
+        p_mem_tail = np.where(self._mem_seen, np.min(room_mem / pred.gain_const[None, :, 2], axis=1), np.inf)
+        p_tail = np.clip(np.minimum(p_die_tail, p_mem_tail), 0.0, p_max)
+        # First block: the largest power for boost_block_s, followed by the tail.
+        has_a = pred.gain_a > 1e-12
+
+        def first(room_k: FloatArray, state: int) -> FloatArray:
+            rows = (room_k - pred.gain_b[None, :, state] * p_tail[:, None]) / np.where(
+                has_a[None, :, state], pred.gain_a[None, :, state], 1.0
+            )
+            rows = np.where(has_a[None, :, state], rows, np.inf)
+            return np.asarray(np.min(rows, axis=1))
+
+        p_die = first(room_die, 0)
+        p_mem = np.where(self._mem_seen, first(room_mem, 2), np.inf)
+        p_allow = np.clip(np.maximum(np.minimum(p_die, p_mem), p_tail), 0.0, p_max)
+        binding_gpu: list[Binding] = [
+            "gpu_temp" if d <= m else "mem_temp" for d, m in zip(p_die, p_mem, strict=True)
+        ]
+
+        # Node constraints, shared by a common per-GPU ceiling (water-filling).
+        node_w = math.inf
+        node_kind: Binding = "none"
+        if lim.node_power_budget_w is not None:
+            node_w, node_kind = lim.node_power_budget_w, "power"
+        if flow_lpm is not None:
+            q_w = lim.coolant_heat_max_w(flow_lpm)
+            if q_w < node_w:
+                node_w, node_kind = q_w, "coolant_flow"
+        node_bound = False
+        if math.isfinite(node_w) and float(np.sum(p_allow)) > node_w:
+            lo, hi = 0.0, p_max
+            for _ in range(40):
+                mid = 0.5 * (lo + hi)
+                if float(np.sum(np.minimum(p_allow, mid))) <= node_w:
+                    lo = mid
+                else:
+                    hi = mid
+            p_allow = np.minimum(p_allow, lo)
+            node_bound = True
+        self.last_power_allowed_w = p_allow
+
+        # Change penalty (hysteresis): a rise must fit with rise_hysteresis_w to spare (unless
+        # unconstrained) and be at least raise_deadband; a fall happens only when the current
+        # cap no longer fits.
+        unconstrained = p_allow >= p_max
+        p_rise = np.where(unconstrained, p_allow, p_allow - s.rise_hysteresis_w)
+        caps = self.power_model.max_concurrency(p_rise, lim.min_cap, lim.max_cap)
+        prev = self._caps
+        prev_fits = self.power_model.conservative_power_w(prev.astype(float)) <= p_allow
+        caps_fit = self.power_model.max_concurrency(p_allow, lim.min_cap, lim.max_cap)
+        small_rise = (caps > prev) & (caps - prev < s.raise_deadband) & (caps < lim.max_cap)
+        # On a fall, drop to what fits with the same spare, so that the next falls are fewer.
+        caps_fall = np.maximum(
+            self.power_model.max_concurrency(p_rise, lim.min_cap, lim.max_cap), lim.min_cap
+        )
+        caps_fall = np.where(
+            self.power_model.conservative_power_w(caps_fit.astype(float)) <= p_rise, caps_fit, caps_fall
+        )
+        caps = np.where(prev_fits, np.where((caps > prev) & ~small_rise, caps, prev), caps_fall)
+        caps = np.where(lost, lim.min_cap, caps)
+        self._caps = caps
+
+        # Prediction at the chosen caps (for reporting), die only.
+        p_caps = self.power_model.conservative_power_w(caps.astype(float))
+        r_now = self._x[:, 0]
+        d_rise = (
+            free[:, :, 0]
+            + pred.gain_a[None, :, 0] * p_caps[:, None]
+            + pred.gain_b[None, :, 0] * np.minimum(p_tail, p_caps)[:, None]
+            - r_now[:, None]
+        )
+        g_hi = np.minimum(self.die.gain + s.gain_sigmas * self.die.gain_std, self.die.gain_max)
+        g_lo = np.maximum(self.die.gain - s.gain_sigmas * self.die.gain_std, self.die.gain_min)
+        g_sel = np.where(d_rise >= 0, g_hi[:, None], g_lo[:, None])
+        t_pred = supply_c + self.die.estimate_k(r_now)[:, None] + g_sel * d_rise + supply_rise_k[None, :]
+        alive = ~lost
+        t_max = float(np.max(t_pred[alive])) if np.any(alive) else None
+
+        binding: Binding = "none"
+        if node_bound:
+            binding = node_kind
+        elif np.any(caps < lim.max_cap):
+            worst = int(np.argmin(np.where(alive, p_allow, np.inf)))
+            binding = binding_gpu[worst]
+        assert binding in get_args(Binding)
+        return Decision(tuple(int(c) for c in caps), "mpc", binding, t_max)
+
+    def confidence(self) -> FloatArray:
+        """Per-GPU identification confidence in [0, 1] (min of thermal gain and power curve)."""
+        return np.minimum(self.die.confidence(), self.power_model.confidence())

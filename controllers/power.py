@@ -1,0 +1,194 @@
+"""Power as a monotone saturating function of concurrency, and its online identification.
+
+The curve is ``P(c) = idle_w + span_w·(1 − exp(−c/sat_concurrency))``: monotone, concave,
+saturating, which is what the H100 LLM-decoding measurements show (facts/h100.md:
+concurrency 1→256 raised average power from 132 W to 214–326 W; a matrix workload sits
+at the 700 W cap). The shape is workload dependent, so :class:`OnlinePowerModel` learns it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+FloatArray = NDArray[np.float64]
+IntArray = NDArray[np.int64]
+
+
+@dataclass(frozen=True, slots=True)
+class PowerCurve:
+    """A saturating power-vs-concurrency curve.
+
+    Attributes:
+        idle_w: Power at zero concurrency.
+        span_w: Power added at saturation.
+        sat_concurrency: Concurrency scale of the saturation (63 % of span reached here).
+    """
+
+    idle_w: float
+    span_w: float
+    sat_concurrency: float
+
+    def power_w(self, concurrency: FloatArray | float) -> FloatArray:
+        """Power at a concurrency (vectorised)."""
+        c = np.maximum(np.asarray(concurrency, dtype=float), 0.0)
+        return self.idle_w + self.span_w * (1.0 - np.exp(-c / self.sat_concurrency))
+
+
+# Safe prior until a GPU's curve is identified: power climbs to the 700 W cap within a few
+# requests (the matmul trace's behaviour), so unknown workloads are assumed hot.
+CONSERVATIVE_CURVE = PowerCurve(idle_w=100.0, span_w=600.0, sat_concurrency=4.0)
+
+# Candidate saturation scales; for each, P is linear in (idle, span) and is fitted by RLS.
+SAT_GRID = np.geomspace(1.0, 512.0, 19)
+
+
+class OnlinePowerModel:
+    """Per-GPU online fit of :class:`PowerCurve` from (concurrency, power) observations.
+
+    For each candidate ``sat_concurrency`` on a log grid, (idle_w, span_w) are fitted by
+    recursive least squares with exponential forgetting; the candidate with the lowest
+    forgetting-weighted a-priori error is used. Parameters are clipped to [0, power max].
+    The curve used for decisions is conservative:
+
+    * until ``min_samples`` observations, :data:`CONSERVATIVE_CURVE` (or the max of both);
+    * beyond ``explore_factor`` × the largest concurrency seen recently (+ ``explore_step``)
+      power is assumed to be the maximum, so caps explore geometrically as load fills them;
+    * half a residual standard deviation is added (power is bursty: prefill peaks).
+
+    Args:
+        n_gpus: GPUs on the node.
+        power_max_w: Largest power one GPU can draw.
+        forgetting: RLS forgetting factor per observation.
+        min_samples: Observations before the fit is trusted.
+        explore_factor: Trusted extrapolation factor over the largest concurrency seen.
+        explore_step: Trusted extrapolation step over the largest concurrency seen.
+    """
+
+    def __init__(
+        self,
+        n_gpus: int,
+        power_max_w: float,
+        *,
+        forgetting: float = 0.995,
+        min_samples: int = 10,
+        explore_factor: float = 1.25,
+        explore_step: float = 4.0,
+    ) -> None:
+        self.explore_factor = explore_factor
+        self.explore_step = explore_step
+        self.n_gpus = n_gpus
+        self.power_max_w = power_max_w
+        self.forgetting = forgetting
+        self.min_samples = min_samples
+        k = len(SAT_GRID)
+        self._theta = np.zeros((n_gpus, k, 2))
+        self._theta[:, :, 0] = CONSERVATIVE_CURVE.idle_w
+        self._theta[:, :, 1] = CONSERVATIVE_CURVE.span_w
+        self._cov = np.tile(np.diag([1e4, 1e5]), (n_gpus, k, 1, 1))
+        self._err2 = np.full((n_gpus, k), 1e4)
+        self._var_w2 = np.full(n_gpus, 400.0)
+        self.samples = np.zeros(n_gpus)
+        self.seen_max_concurrency = np.zeros(n_gpus)
+
+    def update(self, concurrency: FloatArray, power_w: FloatArray, valid: NDArray[np.bool_]) -> None:
+        """Add one observation per GPU (GPUs with ``valid`` False are skipped).
+
+        Args:
+            concurrency: Requests in flight per GPU.
+            power_w: Measured power per GPU.
+            valid: Which GPUs have a usable reading.
+        """
+        if not np.any(valid):
+            return
+        lam = self.forgetting
+        c = np.maximum(concurrency, 0.0)
+        phi = np.stack(
+            [np.ones((self.n_gpus, len(SAT_GRID))), 1.0 - np.exp(-c[:, None] / SAT_GRID[None, :])], axis=-1
+        )
+        err = power_w[:, None] - np.einsum("gkj,gkj->gk", phi, self._theta)
+        p_phi = np.einsum("gkij,gkj->gki", self._cov, phi)
+        denom = lam + np.einsum("gkj,gkj->gk", phi, p_phi)
+        gain = p_phi / denom[..., None]
+        v = valid[:, None]
+        new_theta = np.clip(self._theta + gain * err[..., None], 0.0, self.power_max_w)
+        new_cov = (self._cov - np.einsum("gki,gkj->gkij", gain, p_phi)) / lam
+        self._theta = np.where(v[..., None], new_theta, self._theta)
+        self._cov = np.where(v[..., None, None], new_cov, self._cov)
+        self._err2 = np.where(v, lam * self._err2 + (1 - lam) * err**2, self._err2)
+        best = np.argmin(self._err2, axis=1)
+        best_err = err[np.arange(self.n_gpus), best]
+        self._var_w2 = np.where(valid, 0.98 * self._var_w2 + 0.02 * best_err**2, self._var_w2)
+        self.samples = self.samples + valid
+        # Recently seen concurrency decays slowly so that a workload change re-explores.
+        self.seen_max_concurrency = np.where(
+            valid, np.maximum(c, self.seen_max_concurrency * 0.999), self.seen_max_concurrency
+        )
+
+    def curves(self) -> list[PowerCurve]:
+        """The best fitted curve per GPU (not yet made conservative)."""
+        best = np.argmin(self._err2, axis=1)
+        out = []
+        for g in range(self.n_gpus):
+            idle, span = self._theta[g, best[g]]
+            out.append(PowerCurve(float(idle), float(span), float(SAT_GRID[best[g]])))
+        return out
+
+    def confidence(self) -> FloatArray:
+        """Per-GPU confidence in [0, 1]: sample count and explored concurrency range."""
+        count = np.minimum(self.samples / (3.0 * self.min_samples), 1.0)
+        return count
+
+    def conservative_power_w(self, concurrency: FloatArray) -> FloatArray:
+        """Power used for decisions at candidate concurrencies.
+
+        Args:
+            concurrency: Shape (n_gpus,) or (n_gpus, m) candidate concurrencies.
+
+        Returns:
+            Conservative power, same shape, in [idle, power max].
+        """
+        c = np.asarray(concurrency, dtype=float)
+        extra_dims = c.ndim - 1
+        best = np.argmin(self._err2, axis=1)
+        th = self._theta[np.arange(self.n_gpus), best]
+        sat = SAT_GRID[best]
+
+        def col(a: NDArray[Any]) -> NDArray[Any]:
+            return a.reshape(a.shape + (1,) * extra_dims)
+
+        seen = col(self.seen_max_concurrency)
+        fit = col(th[:, 0]) + col(th[:, 1]) * (1.0 - np.exp(-c / col(sat))) + 0.5 * col(np.sqrt(self._var_w2))
+        # Beyond the explored range (with a geometric step) nothing is known: assume max power.
+        explored = c <= seen * self.explore_factor + self.explore_step
+        fit = np.where(explored, fit, self.power_max_w)
+        trusted = col(self.samples >= self.min_samples)
+        prior = CONSERVATIVE_CURVE.power_w(c)
+        out = np.where(trusted, fit, np.maximum(fit, prior))
+        return np.clip(out, 0.0, self.power_max_w)
+
+    def max_concurrency(self, power_allowed_w: FloatArray, lo: int, hi: int) -> IntArray:
+        """Largest integer concurrency in [lo, hi] whose conservative power fits (else lo).
+
+        Args:
+            power_allowed_w: Allowed power per GPU.
+            lo: Smallest concurrency returned.
+            hi: Largest concurrency returned.
+
+        Returns:
+            Integer caps per GPU.
+        """
+        low = np.full(self.n_gpus, lo, dtype=np.int64)
+        high = np.full(self.n_gpus, hi, dtype=np.int64)
+        ok_hi = self.conservative_power_w(high.astype(float)) <= power_allowed_w
+        # Invariant: answer in [low, high]; bisection over integers.
+        for _ in range(max(1, math.ceil(math.log2(hi - lo + 1)) + 1)):
+            mid = (low + high + 1) // 2
+            ok = self.conservative_power_w(mid.astype(float)) <= power_allowed_w
+            low = np.where(ok, mid, low)
+            high = np.where(ok, high, mid - 1)
+        return np.where(ok_hi, hi, low)
