@@ -50,7 +50,9 @@ def cmd_controllers(args: argparse.Namespace) -> int:
             import matplotlib
 
             matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
+            import matplotlib.pyplot as pyplot
+
+            plt = pyplot
         except ImportError:
             print(
                 "rackguard bench controllers: --plot needs matplotlib: pip install 'rackguard[plot]'",

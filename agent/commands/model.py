@@ -48,10 +48,11 @@ def cmd_fit(args: argparse.Namespace) -> int:
         print(f"rackguard model fit: {path}: {exc}", file=sys.stderr)
         return EX_USAGE
     res = fit_trace(trace)
-    out = {
+    params = res.params.as_dict()
+    out: dict[str, Any] = {
         "trace": str(path),
         "rows": len(trace.t_s),
-        "params": res.params.as_dict(),
+        "params": params,
         "supply_c": round(res.supply_c, 3),
         "initial_state_k": dict(zip(("die", "plate", "mem"), (round(v, 3) for v in res.x0_k), strict=True)),
         "rmse_open_loop_c": round(res.rmse_open_loop_c, 4),
@@ -64,7 +65,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         print(json.dumps(out))
         return 0
     print(f"{path}: {out['rows']} rows")
-    for k, v in out["params"].items():
+    for k, v in params.items():
         print(f"  {k:26s} {v:.6g}")
     print(f"  {'supply_c (effective)':26s} {res.supply_c:.3f}")
     print(f"  rmse_open_loop_c = {res.rmse_open_loop_c:.3f}   rmse_10s_c = {res.rmse_10s_c:.3f}")
