@@ -151,6 +151,10 @@ class Agent:
         self._host: Any = None
         self.on_leak = on_leak  # an extra leak hook (tests, benchmarks)
         self.leak_events: deque[LeakEvent] = deque(maxlen=256)
+        # Raw scheduling lateness (bounded, cheap) for exact percentiles: GET /debug/timings.
+        self.ticks_total = 0
+        self.tick_late_s: deque[float] = deque(maxlen=16_384)
+        self.control_late_s: deque[float] = deque(maxlen=16_384)
         self.coolant = CoolantMonitor(
             cfg.coolant,
             node=self.node,
@@ -378,7 +382,21 @@ class Agent:
                 return json_response(503, {"error": "no cap decided yet"})
             return 200, "application/json", dump(self.cap_msg)
 
-        return {"/metrics": metrics, "/healthz": healthz, "/v1/cap": cap}
+        def timings() -> tuple[int, str, bytes]:
+            steps = list(self.control.timings) if self.control else []
+            return json_response(
+                200,
+                {
+                    "ticks_total": self.ticks_total,
+                    "tick_late_s": list(self.tick_late_s),
+                    "control_late_s": list(self.control_late_s),
+                    "steps_total": len(steps),
+                    "mpc_s": [t.mpc_s for t in steps],
+                    "safety_s": [t.safety_s for t in steps],
+                },
+            )
+
+        return {"/metrics": metrics, "/healthz": healthz, "/v1/cap": cap, "/debug/timings": timings}
 
     # -- lifecycle ---------------------------------------------------------------------
     def request_stop(self, reason: str = "signal") -> None:
@@ -521,6 +539,8 @@ class Agent:
                 if self.stop.is_set():
                     break
             late = time.monotonic() - next_tick
+            self.ticks_total += 1
+            self.tick_late_s.append(late)
             self.metrics.tick_lateness_s.observe(max(0.0, late))
             gpus = await self.poller.poll()
             self.last_poll_mono = time.monotonic()
@@ -528,6 +548,7 @@ class Agent:
             self.coolant.check()
             now = time.monotonic()
             if now >= next_control:
+                self.control_late_s.append(now - next_control)
                 self.control_step()
                 next_control += control_every * max(1, int((now - next_control) // control_every) + 1)
             if now >= next_publish:
