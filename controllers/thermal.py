@@ -361,8 +361,9 @@ def fit_trace(trace: Trace, *, fixed_die: ThermalParams | None = None) -> FitRes
     def sim(v: FloatArray) -> tuple[ThermalParams, FloatArray]:
         prm = die_params(v)
         x_plate0 = float(v[1])
-        x0 = np.array([x_plate0 + prm.r_die_plate_k_per_w * p0, x_plate0, x_plate0])
-        return prm, simulate_rise(prm, t, lagged_power(t, p, prm.power_lag_s), x0)
+        p_heat = lagged_power(t, p, prm.power_lag_s)
+        x0 = np.array([x_plate0 + prm.r_die_plate_k_per_w * float(p_heat[0]), x_plate0, x_plate0])
+        return prm, simulate_rise(prm, t, p_heat, x0)
 
     def resid(v: FloatArray) -> FloatArray:
         _, xs = sim(v)
