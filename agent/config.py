@@ -251,6 +251,76 @@ class CoolantConfig(_Section):
         return self
 
 
+class GateConfig(_Section):
+    """Reports from the inference servers' gates (agent/gate.py) on ``.../gate/<gate_id>``."""
+
+    report_max_age_s: float = Field(
+        default=3.0, gt=0, le=600, description="a gate's in-flight count older than this is ignored"
+    )
+
+
+class EnergyConfig(_Section):
+    """Energy per token (GPU energy counters over gate-reported tokens)."""
+
+    pue: float = Field(default=1.2, ge=1.0, le=5.0, description="facility power usage effectiveness")
+
+
+class CommandsConfig(_Section):
+    """Operator commands on ``.../cmd`` (agent/operator_commands.py), answered on ``.../cmd/ack``."""
+
+    enabled: bool = True
+    hmac_secret_file: Path | None = Field(
+        default=None, description="HMAC-SHA256 key file; relative paths live in $CREDENTIALS_DIRECTORY"
+    )
+    require_signature: bool = Field(default=False, description="reject commands without a valid signature")
+    max_skew_s: float = Field(
+        default=30.0, gt=0, le=3600, description="a command's t_s must be within this of the agent's clock"
+    )
+
+    @field_validator("hmac_secret_file")
+    @classmethod
+    def _secret_readable(cls, v: Path | None) -> Path | None:
+        return _readable_secret(v)
+
+    @model_validator(mode="after")
+    def _needs_secret(self) -> CommandsConfig:
+        if self.require_signature and self.hmac_secret_file is None:
+            raise ValueError("require_signature needs hmac_secret_file")
+        return self
+
+    def secret(self) -> SecretStr | None:
+        """The HMAC key, read from its file now (so rotation needs no restart)."""
+        return read_secret(self.hmac_secret_file) if self.hmac_secret_file else None
+
+
+class PowerLimitsConfig(_Section):
+    """Optional NVML power-limit actuator (agent/power_limits.py). Needs root; off by default."""
+
+    enabled: bool = False
+    state_file: Path | None = Field(
+        default=None,
+        description="where the original limits are saved before the first write; relative paths (and the "
+        "default, power_limits.json) live in $STATE_DIRECTORY, else /var/lib/rackguard",
+    )
+    node_power_budget_w: float | None = Field(
+        default=None, gt=0, description="split evenly across the GPUs; default: control.node_power_budget_w"
+    )
+    min_on_reasons: tuple[Literal["leak", "thermal", "gpu_lost", "stale"], ...] = Field(
+        default=("leak", "thermal"),
+        description="cap reasons that set every GPU to its device minimum",
+    )
+    min_change_w: float = Field(default=5.0, ge=0, le=1000, description="smaller changes are not written")
+
+    def resolved_state_file(self, environ: Mapping[str, str] | None = None) -> Path:
+        """The state file: under ``$STATE_DIRECTORY`` when set, else /var/lib/rackguard."""
+        environ = os.environ if environ is None else environ
+        path = self.state_file or Path("power_limits.json")
+        if path.is_absolute():
+            return path
+        state = environ.get("STATE_DIRECTORY", "").split(":")[0]
+        return Path(state or "/var/lib/rackguard") / path
+
+
 class LogConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -266,6 +336,10 @@ class Config(_Section):
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
     control: ControlConfig = Field(default_factory=ControlConfig)
+    gate: GateConfig = Field(default_factory=GateConfig)
+    energy: EnergyConfig = Field(default_factory=EnergyConfig)
+    commands: CommandsConfig = Field(default_factory=CommandsConfig)
+    power_limits: PowerLimitsConfig = Field(default_factory=PowerLimitsConfig)
     log: LogConfig = Field(default_factory=LogConfig)
 
     @model_validator(mode="after")

@@ -20,11 +20,25 @@ from agent import log as logmod
 from agent.config import Config, ConfigError
 from agent.control import ControlLoop, limits_from
 from agent.coolant import CoolantMonitor, LeakEvent
+from agent.energy import EnergyMeter
+from agent.gates import GateTracker
 from agent.http import METRICS_CONTENT_TYPE, HttpServer, json_response
-from agent.messages import Cap, GpuInventory, HostTelemetry, NodeId, Status, Telemetry, Thresholds, dump
+from agent.messages import (
+    Cap,
+    CommandAck,
+    EnergyTelemetry,
+    GpuInventory,
+    HostTelemetry,
+    NodeId,
+    Status,
+    Telemetry,
+    Thresholds,
+    dump,
+)
 from agent.metrics import Metrics
 from agent.mqtt import ClientFactory, MqttLink, Topics, aiomqtt_factory
 from agent.notify import Notifier
+from agent.operator_commands import COMMAND_NAMES, Actions, CommandProcessor
 from agent.outbox import OutMsg, open_outbox
 from agent.sensing import GpuPoller
 from agent.telemetry import Window
@@ -46,6 +60,7 @@ RESTART_KEYS = (
     "outbox.synchronous",
     "sensors.backend",
     "sensors.gpu_indices",
+    "power_limits",
 )
 
 
@@ -165,6 +180,23 @@ class Agent:
             on_reading=self._on_coolant_reading,
         )
         self.coolant.attach(self.link)
+        # Actuation: gate reports from the inference servers, energy per token, operator commands.
+        self.gates = GateTracker(cfg.gate.report_max_age_s, metrics=self.metrics)
+        self.link.subscribe(f"{self.topics.base}/gate/+", self._on_gate_report)
+        self.energy = EnergyMeter(cfg.energy.pue)
+        self.commands = CommandProcessor(
+            cfg.commands,
+            Actions(
+                max_cap=cfg.control.max_cap,
+                set_manual_ceiling=self._set_manual_ceiling,
+                set_mpc_paused=self._set_mpc_paused,
+                rebirth=self._birth,
+                react=lambda: self.react().total,
+                ack_leak=self.coolant.acknowledge,
+            ),
+        )
+        if cfg.commands.enabled:
+            self.link.subscribe(self.topics.cmd, self._on_command)
 
     # -- messages ----------------------------------------------------------------------
     def _offline(self, reason: str) -> bytes:
@@ -208,11 +240,43 @@ class Agent:
             host=host,
             dropped_total=self.link.outbox.dropped_total,
             coolant=self.coolant.telemetry(self.gpu_power_w()) if self.coolant.sensors else None,
+            energy=self._energy_window(),
         )
         self.link.enqueue(OutMsg(self.topics.telemetry, dump(msg), kind="telemetry", seq=self.telemetry_seq))
         self._update_metrics()
         if self.on_telemetry:
             self.on_telemetry(msg)
+
+    def _energy_window(self) -> EnergyTelemetry:
+        """Close the energy-per-token window: GPU energy counter deltas over gate-reported tokens."""
+        assert self.poller is not None
+        energy_j = {
+            g.info.index: g.sample.energy_j if g.sample is not None and g.state == "ok" else None
+            for g in self.poller.gpus
+        }
+        tokens, requests = self.gates.take_window()
+        w = self.energy.window(energy_j, tokens, requests)
+        for gauge, value in (
+            (self.metrics.energy_per_token_j, w.energy_per_token_j),
+            (self.metrics.facility_energy_per_token_j, w.facility_energy_per_token_j),
+        ):
+            if value is not None:
+                gauge.set(value)
+        self.gates.update_metrics()
+
+        def r(x: float | None) -> float | None:
+            return None if x is None else round(x, 6)
+
+        return EnergyTelemetry(
+            gpu_energy_j=r(w.gpu_energy_j),
+            gpus_counted=w.gpus_counted,
+            tokens=w.tokens,
+            requests=w.requests,
+            energy_per_token_j=r(w.energy_per_token_j),
+            facility_energy_per_token_j=r(w.facility_energy_per_token_j),
+            pue=w.pue,
+            gates=len(self.gates.fresh()),
+        )
 
     def _update_metrics(self) -> None:
         assert self.poller is not None
@@ -267,8 +331,50 @@ class Agent:
         """The coolant loop as the controllers see it (no sensors: unknown, not stale)."""
         return CoolantObs()
 
+    # -- gates and operator commands -----------------------------------------------------
+    def _on_gate_report(self, topic: str, payload: bytes) -> None:
+        """The MQTT handler for ``.../gate/+``: track it; the simulated GPUs follow the real load."""
+        if self.gates.handle(topic, payload) is not None:
+            self._sync_offered()
+
+    def _sync_offered(self) -> None:
+        """Simulator only: each GPU's offered load = gate-reported in flight (else the config's)."""
+        if not isinstance(self.backend, SimBackend) or not self.infos:
+            return
+        default = self.cfg.sim.offered_concurrency
+        reported = self.gates.in_flight(len(self.infos))
+        self.backend.set_offered([default if v is None else v for v in reported])
+
+    def _on_command(self, topic: str, payload: bytes) -> None:
+        """The MQTT handler for ``.../cmd``: validate, act, answer on ``.../cmd/ack``."""
+        out = self.commands.handle(payload)
+        name = out.command if out.command in COMMAND_NAMES else "invalid"  # bounded label values
+        self.metrics.commands.labels(name, "accepted" if out.accepted else "rejected").inc()
+        ack = CommandAck(
+            t_s=time.time(),
+            node=self.node,
+            id=out.id,
+            command=out.command,
+            accepted=out.accepted,
+            reason=out.reason,
+            cap_total=out.cap_total,
+        )
+        # kind="alarm": never dropped from the outbox; QoS 1, not retained.
+        self.link.enqueue(OutMsg(self.topics.cmd_ack, dump(ack), kind="alarm", qos=1))
+
+    def _set_manual_ceiling(self, ceiling: int | None) -> None:
+        assert self.control is not None
+        self.control.manual_ceiling = ceiling
+
+    def _set_mpc_paused(self, paused: bool) -> None:
+        assert self.control is not None
+        self.control.paused = paused
+
     def concurrency(self, index: int) -> float:
-        """Requests in flight on a GPU: the simulator's served load, else the cap itself."""
+        """Requests in flight on a GPU: fresh gate reports, else the simulator's served load, else the cap."""
+        reported = self.gates.in_flight(len(self.infos))
+        if index < len(reported) and (v := reported[index]) is not None:
+            return v
         served = getattr(self.backend, "served", None)
         if served is not None:
             return float(served(index))
@@ -294,6 +400,7 @@ class Agent:
 
     def control_step(self) -> Decision:
         assert self.control is not None
+        self._sync_offered()  # gates that went silent fall back to the configured load
         obs = self.observation()
         try:
             decision = self.control.step(obs)
@@ -350,6 +457,19 @@ class Agent:
         )
         self._cap_published_mono = now_mono
         self.link.set_state(self.topics.cap, dump(self.cap_msg), expiry_s=round(c.cap_ttl_s))
+        self._cap_metrics(decision)
+
+    def _cap_metrics(self, decision: Decision) -> None:
+        m = self.metrics
+        for i, cap in enumerate(decision.caps):
+            m.cap.labels(str(i)).set(cap)
+        m.cap_total.set(decision.total)
+        for reason in ("mpc", "leak", "stale", "thermal", "gpu_lost", "manual"):
+            m.cap_reason.labels(reason).set(1.0 if reason == decision.reason else 0.0)
+        assert self.control is not None
+        m.mpc_paused.set(1.0 if self.control.paused else 0.0)
+        ceiling = self.control.manual_ceiling
+        m.manual_ceiling.set(-1.0 if ceiling is None else ceiling)
 
     # -- HTTP ---------------------------------------------------------------------------
     def health(self) -> list[str]:

@@ -125,6 +125,19 @@ class CoolantTelemetry(_Msg):
     sensors: list[CoolantSensorTelemetry]
 
 
+class EnergyTelemetry(_Msg):
+    """Energy per token over the publish window (GPU energy counter deltas / gate-reported tokens)."""
+
+    gpu_energy_j: float | None = Field(description="GPU energy in the window; null if no GPU had two readings")
+    gpus_counted: int = Field(description="GPUs whose energy counter contributed (lost/unread ones are skipped)")
+    tokens: int = Field(description="tokens the gates reported completed in the window")
+    requests: int = Field(description="requests the gates reported completed in the window")
+    energy_per_token_j: float | None = Field(description="gpu_energy_j / tokens; null without tokens")
+    facility_energy_per_token_j: float | None = Field(description="energy_per_token_j × pue")
+    pue: float
+    gates: int = Field(description="gates with a fresh report")
+
+
 class Telemetry(_Msg):
     """One message per node per publish period on ``.../telemetry``."""
 
@@ -141,6 +154,7 @@ class Telemetry(_Msg):
     gpus: list[GpuTelemetry]
     host: HostTelemetry | None = None
     coolant: CoolantTelemetry | None = Field(None, description="absent when no coolant sensors are declared")
+    energy: EnergyTelemetry | None = Field(None, description="energy per token over this window")
 
 
 class Cap(_Msg):
@@ -175,11 +189,45 @@ class Alarm(_Msg):
     ack_required: bool = Field(description="the latch clears only after an OK reading and an operator ack")
 
 
+class GateReport(_Msg):
+    """Published by each inference server's gate (agent/gate.py) on ``.../gate/<gate_id>`` about every 1 s."""
+
+    schema_: Literal["rackguard.gate/1"] = Field("rackguard.gate/1", alias="schema")
+    gate_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    gpu: int | None = Field(ge=0, description="the GPU the gate serves; null = the whole node")
+    t_s: float
+    in_flight: int = Field(ge=0, description="requests inside the gate now")
+    limit: int = Field(ge=0, description="the gate's current admission limit")
+    source: Literal["mqtt", "http", "safe"] = Field("mqtt", description="where the limit came from")
+    completed_total: int = Field(ge=0, description="requests completed since the gate started")
+    tokens_total: int = Field(ge=0, description="tokens reported since the gate started")
+
+
+class CommandAck(_Msg):
+    """Published (QoS 1, not retained) on ``.../cmd/ack`` for every message on ``.../cmd``."""
+
+    schema_: Literal["rackguard.cmd_ack/1"] = Field("rackguard.cmd_ack/1", alias="schema")
+    t_s: float
+    node: NodeId
+    id: str | None = Field(description="the command's id (null if the payload had none)")
+    command: str | None
+    accepted: bool
+    reason: str = Field(description="'ok', or why the command was rejected")
+    cap_total: int | None = Field(None, description="the node's cap right after the command")
+
+
 def dump(msg: BaseModel) -> bytes:
     return msg.model_dump_json(by_alias=True, exclude_none=False).encode()
 
 
-MESSAGES: dict[str, type[BaseModel]] = {"status": Status, "telemetry": Telemetry, "cap": Cap, "alarm": Alarm}
+MESSAGES: dict[str, type[BaseModel]] = {
+    "status": Status,
+    "telemetry": Telemetry,
+    "cap": Cap,
+    "alarm": Alarm,
+    "gate/<gate_id>": GateReport,
+    "cmd/ack": CommandAck,
+}
 
 
 def schemas() -> dict[str, Any]:

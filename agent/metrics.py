@@ -41,6 +41,38 @@ class Metrics:
         self.telemetry_published = Counter(
             "rackguard_telemetry_windows", "Telemetry windows queued", registry=r
         )
+        # Actuation: the published cap, operator commands, gates, energy per token, power limits.
+        self.cap = Gauge("rackguard_cap", "Published concurrency cap (requests in flight)", ["gpu"], registry=r)
+        self.cap_total = Gauge("rackguard_cap_total", "Sum of the published per-GPU caps", registry=r)
+        self.cap_reason = Gauge(
+            "rackguard_cap_reason", "1 for the reason of the published cap, 0 otherwise", ["reason"], registry=r
+        )
+        self.mpc_paused = Gauge("rackguard_mpc_paused", "1 while an operator paused the MPC", registry=r)
+        self.manual_ceiling = Gauge(
+            "rackguard_manual_ceiling", "Operator's cap ceiling (-1 when none)", registry=r
+        )
+        self.commands = Counter(
+            "rackguard_commands", "Operator commands by result", ["command", "result"], registry=r
+        )
+        self.gate_in_flight = Gauge(
+            "rackguard_gate_in_flight", "Requests in flight reported by each fresh gate", ["gate"], registry=r
+        )
+        self.gate_reports_rejected = Counter(
+            "rackguard_gate_reports_rejected", "Invalid gate reports", registry=r
+        )
+        self.tokens = Counter("rackguard_tokens", "Tokens reported by the gates", registry=r)
+        self.energy_per_token_j = Gauge(
+            "rackguard_energy_per_token_j", "GPU energy per token over the last window", registry=r
+        )
+        self.facility_energy_per_token_j = Gauge(
+            "rackguard_facility_energy_per_token_j", "GPU energy x PUE per token, last window", registry=r
+        )
+        self.power_limit_w = Gauge(
+            "rackguard_power_limit_set_w", "Power limit written by the actuator", ["gpu"], registry=r
+        )
+        self.power_limit_write_errors = Counter(
+            "rackguard_power_limit_write_errors", "Failed power-limit writes", registry=r
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

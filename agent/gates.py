@@ -1,0 +1,128 @@
+"""The agent's side of the gates: reports from inference servers on ``.../gate/+``.
+
+Each gate (agent/gate.py) publishes cumulative counters about once a second. The
+tracker keeps the latest report per gate, turns the counters into per-window
+deltas (a counter that goes backwards means the gate restarted: its new total
+is the delta), and answers "how many requests are in flight on GPU i" from
+fresh reports only.
+
+A gate seen for the first time only sets the baseline: its history before the
+agent saw it is not attributed to the current window.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pydantic import ValidationError
+
+from agent import log as logmod
+from agent.messages import GateReport
+from agent.metrics import Metrics
+
+FORGET_AFTER_S = 600.0  # a gate silent this long is dropped from the table
+
+
+@dataclass(slots=True)
+class _Gate:
+    report: GateReport
+    received_mono_s: float
+
+
+class GateTracker:
+    """Latest report per gate, and token/request deltas per publish window.
+
+    Args:
+        max_age_s: A report older than this no longer counts for in-flight.
+        metrics: The agent's metrics.
+        monotonic: Monotonic seconds (tests pass their own).
+    """
+
+    def __init__(
+        self,
+        max_age_s: float,
+        *,
+        metrics: Metrics | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_age_s = max_age_s
+        self.metrics = metrics
+        self.monotonic = monotonic
+        self.gates: dict[str, _Gate] = {}
+        self.window_tokens = 0
+        self.window_requests = 0
+        self.rejected_total = 0
+        self.log = logmod.get("gates")
+        self._rl = logmod.RateLimitedLog(self.log, 60.0)
+
+    def handle(self, topic: str, payload: bytes) -> GateReport | None:
+        """The MQTT handler for ``.../gate/+``. Never raises on any payload."""
+        try:
+            report = GateReport.model_validate_json(payload)
+        except ValidationError as exc:
+            self._reject(topic, f"invalid: {exc.errors()[0]['msg']}")
+            return None
+        if topic.rsplit("/", 1)[-1] != report.gate_id:
+            self._reject(topic, "gate_id does not match the topic")
+            return None
+        now = self.monotonic()
+        prev = self.gates.get(report.gate_id)
+        if prev is not None:
+            self.window_requests += _delta(prev.report.completed_total, report.completed_total)
+            tokens = _delta(prev.report.tokens_total, report.tokens_total)
+            self.window_tokens += tokens
+            if self.metrics is not None and tokens:
+                self.metrics.tokens.inc(tokens)
+        self.gates[report.gate_id] = _Gate(report, now)
+        return report
+
+    def _reject(self, topic: str, why: str) -> None:
+        self.rejected_total += 1
+        if self.metrics is not None:
+            self.metrics.gate_reports_rejected.inc()
+        self._rl.warning(topic[-120:], why[:40], "gate_report_rejected", detail=why[:200])
+
+    def fresh(self) -> list[GateReport]:
+        """Reports younger than ``max_age_s``; forgets gates silent for long."""
+        now = self.monotonic()
+        for gid in [g for g, s in self.gates.items() if now - s.received_mono_s > FORGET_AFTER_S]:
+            del self.gates[gid]
+            if self.metrics is not None:
+                self.metrics.gate_in_flight.remove(gid)
+        return [s.report for s in self.gates.values() if now - s.received_mono_s <= self.max_age_s]
+
+    def in_flight(self, n_gpus: int) -> list[float | None]:
+        """Requests in flight per GPU from fresh reports (None: no fresh gate covers that GPU).
+
+        A node-wide gate (``gpu`` null) is spread evenly over all GPUs.
+        """
+        out: list[float | None] = [None] * n_gpus
+        for r in self.fresh():
+            if r.gpu is None:
+                targets, share = range(n_gpus), r.in_flight / max(n_gpus, 1)
+            elif r.gpu < n_gpus:
+                targets, share = range(r.gpu, r.gpu + 1), float(r.in_flight)
+            else:
+                continue
+            for i in targets:
+                out[i] = (out[i] or 0.0) + share
+        return out
+
+    def take_window(self) -> tuple[int, int]:
+        """(tokens, requests) completed since the last call; resets both."""
+        out = (self.window_tokens, self.window_requests)
+        self.window_tokens = self.window_requests = 0
+        return out
+
+    def update_metrics(self) -> None:
+        if self.metrics is None:
+            return
+        for r in self.fresh():
+            self.metrics.gate_in_flight.labels(r.gate_id).set(r.in_flight)
+
+
+def _delta(before: int, after: int) -> int:
+    """Counter delta; a counter that went backwards restarted from zero."""
+    return after - before if after >= before else after
