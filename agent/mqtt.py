@@ -7,13 +7,22 @@ Two kinds of outgoing message:
   Re-sent on every connect; never queued as history.
 * **history** (``enqueue``): telemetry and alarms, kept in the outbox until the
   broker acknowledges them (PUBACK), then removed.
+
+After a (re)connect, outbox messages created before that connection are
+*historical*: they are replayed oldest first at ``replay_rate_msgs_s`` with their
+original seq and timestamps, flagged ``historical: true`` in the JSON payload and
+with the MQTT 5 user property ``historical=true``. Live messages (created during
+this connection) go first in every publish window, so they never wait behind a
+backlog.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import random
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -109,12 +118,54 @@ def aiomqtt_factory(cfg: MqttConfig, client_id: str) -> ClientFactory:
     return make
 
 
-def _expiry(expiry_s: int | None) -> Properties | None:
-    if expiry_s is None:
+def _props(expiry_s: int | None, historical: bool = False) -> Properties | None:
+    if expiry_s is None and not historical:
         return None
     props = Properties(PacketTypes.PUBLISH)
-    props.MessageExpiryInterval = max(1, int(expiry_s))
+    if expiry_s is not None:
+        props.MessageExpiryInterval = max(1, int(expiry_s))
+    if historical:
+        props.UserProperty = ("historical", "true")
     return props
+
+
+def mark_historical(payload: bytes) -> bytes:
+    """Set ``historical: true`` in a JSON object payload that has that key; others unchanged."""
+    try:
+        obj = json.loads(payload)
+    except ValueError:
+        return payload
+    if not isinstance(obj, dict) or "historical" not in obj:
+        return payload
+    obj["historical"] = True
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+class TokenBucket:
+    """``rate_per_s`` tokens a second, at most ``burst`` saved up."""
+
+    def __init__(self, rate_per_s: float, burst: float) -> None:
+        self.rate_per_s = rate_per_s
+        self.burst = burst
+        self.tokens = burst
+        self._t = time.monotonic()
+
+    def _refill(self) -> None:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self._t) * self.rate_per_s)
+        self._t = now
+
+    def take(self, most: int) -> int:
+        """Take up to ``most`` whole tokens; return how many were taken."""
+        self._refill()
+        n = max(0, min(most, int(self.tokens)))
+        self.tokens -= n
+        return n
+
+    def wait_s(self) -> float:
+        """Seconds until one whole token is available."""
+        self._refill()
+        return max(0.0, (1.0 - self.tokens) / self.rate_per_s)
 
 
 class MqttLink:
@@ -129,6 +180,7 @@ class MqttLink:
         offline_payload: Callable[[str], bytes],
         on_connect: Callable[[], None] | None = None,
         outbox: Outbox | None = None,
+        replay_rate_msgs_s: float = 50.0,
     ) -> None:
         self.cfg = cfg
         self.topics = topics
@@ -140,6 +192,9 @@ class MqttLink:
         self.connects = 0
         self.published_total = 0
         self.published_bytes = 0
+        self.replayed_total = 0  # historical messages acknowledged
+        self.replay = TokenBucket(replay_rate_msgs_s, burst=min(PUBLISH_WINDOW, max(1.0, replay_rate_msgs_s)))
+        self._live_from_id = 0  # outbox ids <= this were created before the current connection
         self._states: dict[str, OutMsg] = {}
         self._dirty: dict[str, None] = {}
         self._handlers: list[tuple[str, Handler]] = []
@@ -174,8 +229,11 @@ class MqttLink:
                     self.connected = True
                     self.connects += 1
                     delay = self.cfg.reconnect_min_s
-                    self.log.info("mqtt_connected", host=self.cfg.host, port=self.cfg.port, connects=self.connects)
+                    self.log.info(
+                        "mqtt_connected", host=self.cfg.host, port=self.cfg.port, connects=self.connects
+                    )
                     last_error = None
+                    self._live_from_id = self.outbox.last_id()
                     if self.on_connect:
                         self.on_connect()
                     self._dirty.update(dict.fromkeys(self._states))
@@ -212,13 +270,15 @@ class MqttLink:
         try:
             while True:
                 self._wake.clear()
-                await self._flush(client)
+                replay_in_s = await self._flush(client)
                 if stop.is_set():
                     return
-                if self._dirty or len(self.outbox):
+                if self._dirty:
                     continue
                 waker = asyncio.create_task(self._wake.wait())
-                await asyncio.wait({waker, recv, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(
+                    {waker, recv, stopping}, timeout=replay_in_s, return_when=asyncio.FIRST_COMPLETED
+                )
                 waker.cancel()
                 if recv.done():
                     recv.result()  # re-raise the disconnect
@@ -229,29 +289,50 @@ class MqttLink:
             with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
                 await recv
 
-    async def _publish(self, client: ClientLike, m: OutMsg) -> None:
+    async def _publish(self, client: ClientLike, m: OutMsg, historical: bool = False) -> None:
         await client.publish(
-            m.topic, m.payload, qos=m.qos, retain=m.retain, properties=_expiry(m.expiry_s), timeout=self.cfg.publish_timeout_s
+            m.topic,
+            mark_historical(m.payload) if historical else m.payload,
+            qos=m.qos,
+            retain=m.retain,
+            properties=_props(m.expiry_s, historical),
+            timeout=self.cfg.publish_timeout_s,
         )
         self.published_total += 1
         self.published_bytes += len(m.payload) + len(m.topic)
 
-    async def _flush(self, client: ClientLike) -> None:
+    async def _flush(self, client: ClientLike) -> float | None:
+        """Publish dirty state, then the outbox; return seconds until more history may go (None: idle)."""
         while self._dirty:
             topic = next(iter(self._dirty))
             msg = self._states[topic]
             await self._publish(client, msg)
             if self._states[topic] is msg:  # unchanged while in flight
                 self._dirty.pop(topic, None)
-        while batch := self.outbox.peek(PUBLISH_WINDOW):
-            results = await asyncio.gather(*(self._publish(client, m) for _, m in batch), return_exceptions=True)
-            acked = [i for (i, _), r in zip(batch, results, strict=True) if r is None]
+        while True:
+            # Live messages first, then as much history as the replay rate allows.
+            live = self.outbox.peek(PUBLISH_WINDOW, after_id=self._live_from_id)
+            room = PUBLISH_WINDOW - len(live)
+            history = self.outbox.peek(room, upto_id=self._live_from_id) if room else []
+            if history:
+                history = history[: self.replay.take(len(history))]
+            batch = [(i, m, False) for i, m in live] + [(i, m, True) for i, m in history]
+            if not batch:
+                more = bool(self.outbox.peek(1, upto_id=self._live_from_id))
+                return self.replay.wait_s() if more else None
+            results = await asyncio.gather(
+                *(self._publish(client, m, hist) for _, m, hist in batch), return_exceptions=True
+            )
+            acked = [i for (i, _, _), r in zip(batch, results, strict=True) if r is None]
             self.outbox.ack(acked)
+            self.replayed_total += sum(
+                1 for (_, _, h), r in zip(batch, results, strict=True) if h and r is None
+            )
             failed = next((r for r in results if isinstance(r, BaseException)), None)
             if failed is not None:
                 raise failed
             if self._dirty:
-                return  # state (e.g. a new cap) jumps ahead of history
+                return 0.0  # state (e.g. a new cap) jumps ahead of history
 
     async def _receive(self, client: ClientLike) -> None:
         async for message in client.messages:

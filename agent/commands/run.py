@@ -38,4 +38,11 @@ def main(args: argparse.Namespace) -> int:
     logmod.configure(cfg.log.level, cfg.log.format)
     from agent.daemon import Agent
 
-    return asyncio.run(Agent(cfg).run())
+    def reload() -> configmod.Config:
+        """SIGHUP: the same file, validated again (raises ConfigError)."""
+        new = configmod.load(args.config)
+        if args.sim:
+            new = new.model_copy(update={"sensors": new.sensors.model_copy(update={"backend": "sim"})})
+        return new
+
+    return asyncio.run(Agent(cfg, reload_config=reload).run())
