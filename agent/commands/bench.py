@@ -32,6 +32,9 @@ def register(sub: Any) -> None:
     )
     c.add_argument("--duration-s", type=float, help="override every scenario's duration (quick runs)")
     c.set_defaults(func=cmd_controllers)
+    from agent import benchagent
+
+    benchagent.register(bsub)  # bench agent, bench fleet
     p.set_defaults(func=lambda args: _usage(p))
 
 
