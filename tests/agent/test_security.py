@@ -1,0 +1,301 @@
+"""Let no one in: TLS with a test CA, client certs, passwords, the shipped ACL, and no leaked secrets."""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+import pytest
+
+from agent import config as configmod
+from agent import log as logmod
+from agent.daemon import Agent
+from tests.conftest import Broker, BrokerFactory
+
+REPO = Path(__file__).resolve().parents[2]
+ACL = REPO / "systemd" / "mosquitto-acl.example"
+NODE = "rackguard-site1-rackA-node07"
+OTHER = "rackguard-site1-rackA-node08"
+CMD = "rackguard/site1/rackA/node07/cmd"
+USERS = [NODE, OTHER, "rackguard-consumer", "rackguard-operator"]
+NOT_AUTHORIZED = 0x87
+
+
+@dataclass
+class Pki:
+    dir: Path
+
+    def path(self, name: str) -> Path:
+        return self.dir / name
+
+    @property
+    def ca(self) -> Path:
+        return self.dir / "ca.crt"
+
+
+def openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """A test CA, a server cert for IP 127.0.0.1, and a client cert per user."""
+    d = tmp_path_factory.mktemp("pki")
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=rackguard test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        cwd=d,
+    )
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    for name, ext in [("server", True), *((u, False) for u in USERS)]:
+        openssl(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            f"/CN={name}",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            cwd=d,
+        )
+        openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-out",
+            f"{name}.crt",
+            *(["-extfile", "san.ext"] if ext else []),
+            cwd=d,
+        )
+    return Pki(d)
+
+
+def password_of(user: str) -> str:
+    return f"pw-{user}-Zq8!s3cr3t"
+
+
+@pytest.fixture
+def secure_broker(broker_factory: BrokerFactory, pki: Pki, tmp_path: Path) -> Broker:
+    pwfile = tmp_path / "passwd"
+    for i, user in enumerate(USERS):
+        flags = ["-c"] if i == 0 else []
+        subprocess.run(["mosquitto_passwd", *flags, "-b", str(pwfile), user, password_of(user)], check=True)
+    return broker_factory(
+        "\n".join(
+            [
+                f"user {getpass.getuser()}",  # stay us: no privilege drop away from the tmp files
+                f"cafile {pki.ca}",
+                f"certfile {pki.path('server.crt')}",
+                f"keyfile {pki.path('server.key')}",
+                "require_certificate true",
+                f"password_file {pwfile}",
+                f"acl_file {ACL}",
+            ]
+        ),
+        anonymous=False,
+    )
+
+
+class Client:
+    """A synchronous paho MQTT 5 client over TLS; records messages and PUBACK reason codes."""
+
+    def __init__(self, broker: Broker, pki: Pki, user: str | None, *, cert: str | None = None) -> None:
+        self.messages: list[tuple[str, bytes]] = []
+        self.pubacks: dict[int, int] = {}
+        self.connack: Any = None
+        self.done = threading.Event()
+        c = paho.Client(
+            paho.CallbackAPIVersion.VERSION2,
+            client_id=f"t-{user}-{time.monotonic_ns()}",
+            protocol=paho.MQTTv5,
+        )
+        cert = cert or user
+        if cert:
+            c.tls_set(
+                ca_certs=str(pki.ca),
+                certfile=str(pki.path(f"{cert}.crt")),
+                keyfile=str(pki.path(f"{cert}.key")),
+            )
+        if user:
+            c.username_pw_set(user, password_of(user))
+        c.on_connect = self._on_connect
+        c.on_publish = lambda _c, _u, mid, rc, _p: self.pubacks.__setitem__(mid, rc.value)
+        c.on_message = lambda _c, _u, m: self.messages.append((m.topic, m.payload))
+        c.connect(broker.host, broker.port, keepalive=10)
+        c.loop_start()
+        self.client = c
+        assert self.done.wait(10), "no CONNACK"
+
+    def _on_connect(self, _c: Any, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
+        self.connack = rc
+        self.done.set()
+
+    @property
+    def ok(self) -> bool:
+        return not self.connack.is_failure
+
+    def subscribe(self, topic: str) -> None:
+        self.client.subscribe(topic, qos=1)
+        time.sleep(0.3)
+
+    def publish(self, topic: str, payload: bytes = b'{"command":"pause"}') -> int:
+        """Publish QoS 1; return the PUBACK reason code."""
+        info = self.client.publish(topic, payload, qos=1)
+        deadline = time.monotonic() + 10
+        while info.mid not in self.pubacks and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self.pubacks[info.mid]
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def node_config(broker: Broker, pki: Pki, tmp_path: Path) -> configmod.Config:
+    return configmod.validate(
+        {
+            "node": {"site": "site1", "rack": "rackA", "name": "node07"},
+            "mqtt": {
+                "host": broker.host,
+                "port": broker.port,
+                "username": NODE,
+                "password_file": "mqtt-password",  # relative: from $CREDENTIALS_DIRECTORY
+                "tls": {
+                    "ca_file": str(pki.ca),
+                    "cert_file": str(pki.path(f"{NODE}.crt")),
+                    "key_file": str(pki.path(f"{NODE}.key")),
+                },
+                "reconnect_min_s": 0.2,
+                "reconnect_max_s": 1.0,
+            },
+            "sensors": {"backend": "sim", "poll_period_s": 0.1},
+            "sim": {"gpus": 2},
+            "telemetry": {"publish_period_s": 0.2},
+            "outbox": {"path": str(tmp_path / "outbox.sqlite")},
+            "http": {"port": 0},
+            "log": {"level": "debug", "format": "json"},
+        }
+    )
+
+
+def test_tls_password_acl(
+    secure_broker: Broker,
+    pki: Pki,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    (creds / "mqtt-password").write_text(password_of(NODE) + "\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    cfg = node_config(secure_broker, pki, tmp_path)
+    assert cfg.mqtt.password_file == creds / "mqtt-password"
+
+    consumer = Client(secure_broker, pki, "rackguard-consumer")
+    consumer.subscribe("rackguard/#")
+    listener = Client(secure_broker, pki, NODE)  # the node's own subscription to its cmd topic
+    listener.subscribe(CMD)
+    logmod.configure("debug", "json")
+    agent = Agent(cfg)
+
+    async def run_agent() -> None:
+        task = asyncio.create_task(agent.run())
+        deadline = time.monotonic() + 20
+        while not any(t.endswith("node07/telemetry") for t, _ in consumer.messages):
+            assert time.monotonic() < deadline, "no telemetry over TLS"
+            await asyncio.sleep(0.05)
+        agent.request_stop()
+        await task
+
+    asyncio.run(run_agent())
+    assert agent.link.connects >= 1
+
+    # Refused: no credentials at all (with a valid client cert), and a wrong password.
+    anonymous = Client(secure_broker, pki, None, cert=OTHER)
+    assert not anonymous.ok
+    anonymous.close()
+
+    # Not authorized to write this node's cmd: another node, a consumer. The operator may.
+    other, reader, operator = (
+        Client(secure_broker, pki, u) for u in (OTHER, "rackguard-consumer", "rackguard-operator")
+    )
+    assert other.ok and reader.ok and operator.ok
+    assert other.publish(CMD, b'{"evil": 1}') == NOT_AUTHORIZED
+    assert reader.publish(CMD, b'{"evil": 2}') == NOT_AUTHORIZED
+    assert other.publish("rackguard/site1/rackA/node07/telemetry", b'{"seq": -1}') == NOT_AUTHORIZED
+    assert operator.publish(CMD, b'{"ok": 3}') == 0
+    deadline = time.monotonic() + 5
+    while not listener.messages and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    assert [p for _, p in listener.messages] == [b'{"ok": 3}']  # only the operator's command arrived
+    assert not any(p == b'{"seq": -1}' for _, p in consumer.messages)
+    # A node cannot read another node's commands.
+    snoop = Client(secure_broker, pki, OTHER)
+    snoop.subscribe(CMD)
+    assert operator.publish(CMD, b'{"ok": 4}') == 0
+    time.sleep(0.5)
+    assert not snoop.messages
+    for c in (consumer, listener, other, reader, operator, snoop):
+        c.close()
+
+    # The password is in no log line and in no message the agent published (birth included).
+    out = capsys.readouterr()
+    secret = password_of(NODE)
+    assert secret not in out.out + out.err
+    assert "mqtt_connected" in out.out
+    status = [p for t, p in consumer.messages if t.endswith("/status")]
+    assert status and all(secret.encode() not in p for _, p in consumer.messages)
+    assert json.loads(status[0])["state"] == "online"
+
+
+def test_secrets_not_in_check_config_print(tmp_path: Path) -> None:
+    pw = tmp_path / "pw"
+    pw.write_text("hunter2-Zq8!-secret\n")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[mqtt]\nusername = "u"\npassword_file = "{pw}"\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RACKGUARD_")}
+    r = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "check-config", "--print", str(cfg)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "hunter2" not in r.stdout + r.stderr
+    assert json.loads(r.stdout)["mqtt"]["password_file"] == str(pw)
