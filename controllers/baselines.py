@@ -95,7 +95,7 @@ class ThresholdController:
 
 
 class PidController:
-    """PID on each GPU's die temperature (velocity form, so no integral windup).
+    """PID on each GPU's die temperature (velocity form, tracking anti-windup).
 
     The output is the cap; a PI loop on node power against ``node_frac`` × node limit
     gives a common ceiling. Both are clamped to [min_cap, max_cap].
@@ -109,6 +109,8 @@ class PidController:
         kd_s_per_k: Derivative gain (cap·s per K).
         node_frac: Node power setpoint as a fraction of the node limit.
         node_ki_per_w_s: Node loop integral gain (cap per W·s).
+        track_factor: Anti-windup: a cap stays ≤ in-flight × track_factor + track_step.
+        track_step: See track_factor.
     """
 
     def __init__(
@@ -122,7 +124,11 @@ class PidController:
         kd_s_per_k: float = 0.0,
         node_frac: float = 0.95,
         node_ki_per_w_s: float = 0.01,
+        track_factor: float = 1.5,
+        track_step: float = 8.0,
     ) -> None:
+        self.track_factor = track_factor
+        self.track_step = track_step
         self.limits = limits
         self.setpoint_c = setpoint_c
         self.kp = kp_per_k
@@ -148,14 +154,19 @@ class PidController:
             e_prev = self._e_prev[i]
             de = 0.0 if e_prev is None else e - e_prev
             du = self.kp * de + self.ki * e * dt + self.kd * (de - self._de_prev[i]) / dt
-            self._u[i] = float(np.clip(self._u[i] + du, lim.min_cap, lim.max_cap))
+            # Anti-windup: the cap may not run far ahead of the load actually in flight.
+            ceiling = max(g.concurrency * self.track_factor + self.track_step, lim.min_cap)
+            self._u[i] = float(np.clip(self._u[i] + du, lim.min_cap, min(lim.max_cap, ceiling)))
             self._e_prev[i] = e
             self._de_prev[i] = de
         node_w, kind = node_limit_w(lim, obs)
         node_bound = False
         if math.isfinite(node_w):
             e_w = self.node_frac * node_w - _node_power_w(obs)
-            self._u_node = float(np.clip(self._u_node + self.node_ki * e_w * dt, lim.min_cap, lim.max_cap))
+            in_flight = max((g.concurrency for g in obs.gpus if not g.lost), default=0.0)
+            ceiling = max(in_flight * self.track_factor + self.track_step, lim.min_cap)
+            u_node = self._u_node + self.node_ki * e_w * dt
+            self._u_node = float(np.clip(u_node, lim.min_cap, min(lim.max_cap, ceiling)))
             node_bound = bool(np.any(self._u > self._u_node))
         caps = np.minimum(self._u, self._u_node)
         caps_i = tuple(int(max(lim.min_cap, min(lim.max_cap, math.floor(c)))) for c in caps)

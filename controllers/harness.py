@@ -38,21 +38,23 @@ FloatArray = NDArray[np.float64]
 
 CONTROLLERS = ("mpc", "pid", "threshold")
 
-# Baseline tuning: the most aggressive settings with 0 s over limit on every shipped
-# scenario, found by sweeping the trip/setpoint temperature upward in 1 K steps and the PID
-# gains over a small grid (see BENCHMARKS.md, "## Controllers").
+# Baseline tuning: the most aggressive settings with 0 s over limit on the shipped scenarios,
+# from a grid sweep (BENCHMARKS.md, "## Controllers"), with temperature targets capped at
+# limit − margin (84 °C), the same target the MPC is given. The threshold policy exceeds
+# the node power budget in budget_stale at every setting swept (bang-bang between min and
+# max cap cannot hold a 1 s average under a budget); its tuning is the best on the rest.
 THRESHOLD_TUNING: dict[str, float] = {
-    "t_hi_c": 78.0,
-    "t_lo_c": 74.0,
-    "node_hi_frac": 0.93,
-    "node_lo_frac": 0.80,
+    "t_hi_c": 84.0,
+    "t_lo_c": 80.0,
+    "node_hi_frac": 0.95,
+    "node_lo_frac": 0.85,
 }
 PID_TUNING: dict[str, float] = {
-    "setpoint_c": 79.0,
-    "kp_per_k": 4.0,
-    "ki_per_k_s": 1.0,
+    "setpoint_c": 84.0,
+    "kp_per_k": 2.0,
+    "ki_per_k_s": 5.0,
     "kd_s_per_k": 0.0,
-    "node_frac": 0.92,
+    "node_frac": 0.9,
     "node_ki_per_w_s": 0.02,
 }
 
@@ -266,10 +268,16 @@ def make_controller(name: str, scenario: Scenario, plant: Plant) -> Controller:
 
 @dataclass(slots=True)
 class RunResult:
-    """Scores and traces of one controller on one scenario."""
+    """Scores and traces of one controller on one scenario.
+
+    ``seconds_over_limit`` counts true die/HBM above their max, coolant heat above the
+    flow's capacity, or node power above budget; ``seconds_over_target`` counts a true die
+    above max − margin (the MPC's design target).
+    """
 
     served: float = 0.0
     seconds_over_limit: float = 0.0
+    seconds_over_target: float = 0.0
     max_temp_c: float = -math.inf
     cap_changes: int = 0
     leak_to_cap_s: float | None = None
@@ -285,6 +293,7 @@ class RunResult:
         return {
             "served": round(self.served, 1),
             "seconds_over_limit": round(self.seconds_over_limit, 2),
+            "seconds_over_target": round(self.seconds_over_target, 2),
             "max_temp_c": round(self.max_temp_c, 2),
             "cap_changes": self.cap_changes,
             "leak_to_cap_s": None if self.leak_to_cap_s is None else round(self.leak_to_cap_s, 3),
@@ -355,6 +364,7 @@ def run(scenario: Scenario, controller: str, *, clock: Callable[[], float] = tim
             st = plant.advance(t_next - t_now, caps, offered, supply, flow, lim)
             res.served += st.served_s
             res.seconds_over_limit += st.over_limit_s
+            res.seconds_over_target += st.over_target_s
             res.max_temp_c = max(res.max_temp_c, st.max_die_c)
             t_now = t_next
             if t_now >= t_end - 1e-9:

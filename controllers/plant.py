@@ -51,6 +51,7 @@ class StepStats:
 
     served_s: float = 0.0
     over_limit_s: float = 0.0
+    over_target_s: float = 0.0
     max_die_c: float = -np.inf
 
 
@@ -145,6 +146,8 @@ class Plant:
                 )
                 over = over or self.coolant_heat_w() > limits.coolant_heat_max_w(flow_lpm)
                 stats.over_limit_s += dt if over else 0.0
+                hot = bool(np.any(die > limits.gpu_temp_max_c - limits.margin_c))
+                stats.over_target_s += dt if hot else 0.0
                 node_energy_j += float(np.sum(self.power_w)) * dt
         # The node power budget is an average over the step (like a power-capping window).
         budget = limits.node_power_budget_w if limits is not None else None

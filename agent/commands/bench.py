@@ -95,12 +95,23 @@ def cmd_controllers(args: argparse.Namespace) -> int:
         "seconds_over_limit": {
             k: round(sum(r["controllers"][k]["seconds_over_limit"] for r in results), 2) for k in CONTROLLERS
         },
+        "seconds_over_target": {
+            k: round(sum(r["controllers"][k]["seconds_over_target"] for r in results), 2) for k in CONTROLLERS
+        },
     }
     clean = [{k: v for k, v in r.items() if not k.startswith("_")} for r in results]
     if args.json:
         print(json.dumps({"scenarios": clean, "summary": summary}))
         return 0
-    cols = ("served", "oracle_ratio", "seconds_over_limit", "max_temp_c", "cap_changes", "leak_to_cap_s")
+    cols = (
+        "served",
+        "oracle_ratio",
+        "seconds_over_limit",
+        "seconds_over_target",
+        "max_temp_c",
+        "cap_changes",
+        "leak_to_cap_s",
+    )
     print(f"{'scenario':22s} {'ctrl':9s} " + " ".join(f"{c:>18s}" for c in cols))
     for r in clean:
         for name, m in r["controllers"].items():
