@@ -40,6 +40,7 @@ from agent.mqtt import ClientFactory, MqttLink, Topics, aiomqtt_factory
 from agent.notify import Notifier
 from agent.operator_commands import COMMAND_NAMES, Actions, CommandProcessor
 from agent.outbox import OutMsg, open_outbox
+from agent.power_limits import PowerLimitActuator, PowerLimitError
 from agent.sensing import GpuPoller
 from agent.telemetry import Window
 from controllers.api import CoolantObs, Decision, GpuObs, Observation
@@ -197,6 +198,9 @@ class Agent:
         )
         if cfg.commands.enabled:
             self.link.subscribe(self.topics.cmd, self._on_command)
+        self.power: PowerLimitActuator | None = None  # the optional power-limit actuator (run() builds it)
+        self._power_pending: Decision | None = None
+        self._power_task: asyncio.Task[None] | None = None
 
     # -- messages ----------------------------------------------------------------------
     def _offline(self, reason: str) -> bytes:
@@ -430,6 +434,8 @@ class Agent:
         set_caps = getattr(self.backend, "set_caps", None)
         if set_caps is not None:
             set_caps(decision.caps)  # the simulated inference servers obey at once
+        if changed and self.power is not None:
+            self._actuate_power(decision)
         now_mono = time.monotonic()
         if not (changed or force or now_mono - self._cap_published_mono >= c.cap_refresh_s):
             return
@@ -458,6 +464,48 @@ class Agent:
         self._cap_published_mono = now_mono
         self.link.set_state(self.topics.cap, dump(self.cap_msg), expiry_s=round(c.cap_ttl_s))
         self._cap_metrics(decision)
+
+    # -- power limits (optional) ---------------------------------------------------------
+    def _start_power_limits(self) -> None:
+        """Build the actuator if enabled and the backend can write limits (blocking: NVML reads)."""
+        pl = self.cfg.power_limits
+        if not pl.enabled:
+            return
+        if not (hasattr(self.backend, "set_power_limit_w") and hasattr(self.backend, "get_power_limit_w")):
+            self.log.error("power_limits_unsupported", backend=self.backend.name)
+            return
+        actuator = PowerLimitActuator(
+            self.infos,
+            self.backend,  # checked above: it has get/set_power_limit_w
+            pl.resolved_state_file(),
+            budget_w=pl.node_power_budget_w or self.cfg.control.node_power_budget_w,
+            min_on_reasons=pl.min_on_reasons,
+            min_change_w=pl.min_change_w,
+            metrics=self.metrics,
+        )
+        try:
+            actuator.start()
+        except Exception as exc:  # never write limits we could not save first
+            self.log.error("power_limits_disabled", error=f"{type(exc).__name__}: {exc}")
+            return
+        self.power = actuator
+
+    def _actuate_power(self, decision: Decision) -> None:
+        """Hand the decision to the single power-limit writer (NVML off the event loop)."""
+        self._power_pending = decision
+        if self._power_task is None or self._power_task.done():
+            self._power_task = asyncio.get_running_loop().create_task(self._power_writer())
+
+    async def _power_writer(self) -> None:
+        assert self.power is not None
+        while (d := self._power_pending) is not None:
+            self._power_pending = None
+            try:
+                await asyncio.to_thread(self.power.apply, d)
+            except PowerLimitError:
+                pass  # logged as an error and counted by the actuator
+            except Exception:
+                self.log.exception("power_limit_actuator_failed")
 
     def _cap_metrics(self, decision: Decision) -> None:
         m = self.metrics
@@ -559,6 +607,7 @@ class Agent:
         self.control = ControlLoop(
             limits_from(self.cfg.control, self.infos, cp=4186.0, density=0.997), len(self.infos)
         )
+        await asyncio.to_thread(self._start_power_limits)
         self.log.info(
             "started",
             version=__version__,
@@ -584,6 +633,11 @@ class Agent:
                 await asyncio.wait_for(link_task, SHUTDOWN_BUDGET_S)
             except TimeoutError:
                 self.log.warning("shutdown_flush_timeout", queued=len(self.link.outbox))
+            if self.power is not None:
+                if self._power_task is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(self._power_task, 2.0)
+                await asyncio.to_thread(self.power.restore)  # errors are logged there
             self.poller.close()
             if self.http is not None:
                 await self.http.close()
