@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -127,41 +128,39 @@ def broker_at(workdir: Path, hostport: tuple[str, int] | None) -> Iterator[tuple
         b.stop()
 
 
-@dataclass
-class _Count:
-    msgs: int = 0
-    bytes: int = 0
+_T_S = re.compile(rb'"t_s":([-+.eE0-9]+)')  # every message's sample time, near its start
 
 
 class Recorder:
-    """A paho MQTT 5 client on its own thread that counts and timestamps what it receives.
+    """A paho MQTT 5 client on its own thread that records what it receives.
 
-    Counts messages and topic + payload bytes per topic kind (the last topic level),
-    keeps ``(perf_counter, reason)`` of every cap, the latest ``$SYS`` values, and (with
-    ``telemetry_seqs``) each telemetry message's seq, arrival time and historical flag.
+    For every message with a ``t_s`` (all of rackguard's): its sample time, topic kind
+    (the last topic level) and topic + payload bytes, so traffic is counted by *sample*
+    time, whatever the delivery lag. Also the arrival (``perf_counter``) and reason of
+    every cap, the nodes online, the latest ``$SYS`` values and, with ``telemetry_seqs``,
+    each telemetry message's arrival time, seq and historical flag.
     """
 
     def __init__(self, host: str, port: int, topics: list[str], *, telemetry_seqs: bool = False) -> None:
         import paho.mqtt.client as mqtt
 
         self.cond = threading.Condition()
-        self.counts: dict[str, _Count] = {}
+        self.records: list[tuple[float, str, int]] = []  # (t_s, kind, topic + payload bytes)
+        self.newest_t_s: dict[str, float] = {}  # telemetry topic -> newest sample time seen
+        self.lag_s: list[tuple[float, float]] = []  # telemetry (t_s, arrival wall time - t_s)
         self.caps: list[tuple[float, str]] = []
         self.status_online: set[str] = set()
         self.sys: dict[str, tuple[float, float]] = {}  # $SYS topic -> (perf_counter, value)
         self.telemetry: list[tuple[float, int, bool]] = []  # (perf_counter, seq, historical)
-        self.connects = 0
         self.connected_at: list[float] = []
         self._telemetry_seqs = telemetry_seqs
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
         # Back before the agent is (paho takes float delays; its hints say int).
         self.client.reconnect_delay_set(min_delay=0.05, max_delay=0.2)  # type: ignore[arg-type]
-        self.client.max_queued_messages_set(0)
         subscribed = threading.Event()
 
         def on_connect(c: Any, userdata: Any, flags: Any, rc: Any, props: Any = None) -> None:
             with self.cond:
-                self.connects += 1
                 self.connected_at.append(time.perf_counter())
             for t in topics:
                 c.subscribe(t, qos=1)
@@ -175,16 +174,15 @@ class Recorder:
             raise RuntimeError("bench subscriber did not subscribe")
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
-        now = time.perf_counter()
+        now, wall = time.perf_counter(), time.time()
         topic: str = msg.topic
         payload: bytes = msg.payload
         if topic.startswith("$SYS/"):
-            with contextlib.suppress(ValueError):
+            with contextlib.suppress(ValueError, IndexError):
                 self.sys[topic] = (now, float(payload.split()[0]))
             return
         kind = topic.rsplit("/", 1)[-1]
-        reason = status = None
-        seq = None
+        reason = status = seq = None
         historical = False
         if kind == "cap" and payload:
             reason = json.loads(payload).get("reason")
@@ -193,10 +191,14 @@ class Recorder:
         elif kind == "telemetry" and self._telemetry_seqs:
             body = json.loads(payload)
             seq, historical = int(body["seq"]), bool(body.get("historical"))
+        m = _T_S.search(payload, 0, 200)
+        t_s = float(m[1]) if m else None
         with self.cond:
-            c = self.counts.setdefault(kind, _Count())
-            c.msgs += 1
-            c.bytes += len(topic) + len(payload)
+            if t_s is not None:
+                self.records.append((t_s, kind, len(topic) + len(payload)))
+                if kind == "telemetry":
+                    self.newest_t_s[topic] = max(self.newest_t_s.get(topic, 0.0), t_s)
+                    self.lag_s.append((t_s, wall - t_s))
             if reason is not None:
                 self.caps.append((now, reason))
             if status == "online":
@@ -207,10 +209,16 @@ class Recorder:
                 self.telemetry.append((now, seq, historical))
             self.cond.notify_all()
 
-    def snapshot(self) -> dict[str, tuple[int, int]]:
-        """Per kind: (messages, bytes) so far."""
+    def settle(self, t1_s: float, nodes: int, timeout_s: float) -> bool:
+        """Wait until every node's telemetry sampled after ``t1_s`` has arrived (lag drained)."""
+        return self.wait(lambda: sum(t >= t1_s for t in self.newest_t_s.values()) >= nodes, timeout_s)
+
+    def window(self, t0_s: float, t1_s: float) -> tuple[list[tuple[float, str, int]], list[float]]:
+        """Records and telemetry lags (s) of the messages sampled in ``[t0_s, t1_s)``."""
         with self.cond:
-            return {k: (c.msgs, c.bytes) for k, c in self.counts.items()}
+            recs = [r for r in self.records if t0_s <= r[0] < t1_s]
+            lags = [lag for t, lag in self.lag_s if t0_s <= t < t1_s]
+        return recs, lags
 
     def wait(self, pred: Callable[[], bool], timeout_s: float) -> bool:
         """Wait until ``pred()`` (checked under the lock) holds; False on timeout."""
@@ -223,22 +231,22 @@ class Recorder:
             self.client.disconnect()
 
 
-def traffic(
-    before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]], seconds: float, nodes: int
-) -> dict[str, Any]:
-    """Messages and bytes per node per second between two recorder snapshots, by kind and total."""
-    by_kind = {}
-    for k in sorted(after):
-        if after[k][0] == before.get(k, (0, 0))[0]:
-            continue
-        m = after[k][0] - before.get(k, (0, 0))[0]
-        b = after[k][1] - before.get(k, (0, 0))[1]
-        by_kind[k] = {
+def traffic(records: list[tuple[float, str, int]], seconds: float, nodes: int) -> dict[str, Any]:
+    """Messages and bytes per node per second, by kind and in total, from ``(t_s, kind, bytes)``."""
+    sums: dict[str, list[int]] = {}
+    for _, kind, n in records:
+        c = sums.setdefault(kind, [0, 0])
+        c[0] += 1
+        c[1] += n
+    by_kind = {
+        k: {
             "msgs_per_node_s": round(m / seconds / nodes, 4),
             "bytes_per_node_s": round(b / seconds / nodes, 1),
         }
-    msgs = sum(v["msgs_per_node_s"] for v in by_kind.values())
-    byts = sum(v["bytes_per_node_s"] for v in by_kind.values())
+        for k, (m, b) in sorted(sums.items())
+    }
+    msgs = sum(m for m, _ in sums.values()) / seconds / nodes
+    byts = sum(b for _, b in sums.values()) / seconds / nodes
     return {"msgs_per_node_s": round(msgs, 4), "bytes_per_node_s": round(byts, 1), "by_kind": by_kind}
 
 
@@ -412,20 +420,20 @@ def _steady_and_leak(opts: AgentBenchOptions, host: str, port: int, workdir: Pat
     out: dict[str, Any] = {}
     try:
         agent.wait_http()
-        if not rec.wait(lambda: rec.counts.get("telemetry", _Count()).msgs >= 1, 30):
+        if not rec.wait(lambda: bool(rec.newest_t_s), 30):
             raise RuntimeError(f"no telemetry from the agent: {agent.tail()}")
         opts.progress(f"steady: warm-up {opts.warmup_s:g} s, then {opts.seconds:g} s measured")
         _sleep_publishing_ok(pub, leak_topic, opts.warmup_s)
         t0 = agent.get("/debug/timings")
         time.sleep(0.3)  # keep the HTTP request itself out of the window
         skip_ticks = 3
-        c0, w0, s0 = agent.cpu_s(), time.monotonic(), rec.snapshot()
+        c0, w0, wall0 = agent.cpu_s(), time.monotonic(), time.time()
         rss_samples = [agent.rss_mb()[0]]
         end = w0 + opts.seconds
         while (left := end - time.monotonic()) > 0:
             _sleep_publishing_ok(pub, leak_topic, min(1.0, left))
             rss_samples.append(agent.rss_mb()[0])
-        c1, w1, s1 = agent.cpu_s(), time.monotonic(), rec.snapshot()
+        c1, w1, wall1 = agent.cpu_s(), time.monotonic(), time.time()
         rss_now, rss_hwm = agent.rss_mb()
         t1 = agent.get("/debug/timings")
         wall = w1 - w0
@@ -437,7 +445,9 @@ def _steady_and_leak(opts: AgentBenchOptions, host: str, port: int, workdir: Pat
         mpc = t1["mpc_s"][-n_steps:] if n_steps > 0 else []
         safety = t1["safety_s"][-n_steps:] if n_steps > 0 else []
         step = [a + b for a, b in zip(mpc, safety, strict=True)]
-        tr = traffic(s0, s1, wall, 1)
+        rec.settle(wall1, 1, 10.0)
+        recs, lags = rec.window(wall0, wall1)
+        tr = traffic(recs, wall1 - wall0, 1)
         out.update(
             gpus=opts.gpus,
             poll_period_s=0.1,
@@ -464,6 +474,8 @@ def _steady_and_leak(opts: AgentBenchOptions, host: str, port: int, workdir: Pat
             msgs_per_node_s=tr["msgs_per_node_s"],
             traffic_by_kind=tr["by_kind"],
             extrapolated=extrapolate(tr["msgs_per_node_s"], tr["bytes_per_node_s"]),
+            delivery_lag_p50_ms=percentile_ms(lags, 50),
+            delivery_lag_p99_ms=percentile_ms(lags, 99),
         )
         if opts.leak_events:
             opts.progress(f"leak: {opts.leak_events} events")
@@ -709,15 +721,18 @@ def run_fleet_bench(opts: FleetOptions) -> dict[str, Any]:
                 return sum(float(t.user + t.system) for t in (p.cpu_times() for p in ps))
 
             sys0 = dict(rec.sys)
-            c0, w0, s0 = cpu(), time.monotonic(), rec.snapshot()
+            c0, w0, wall0 = cpu(), time.monotonic(), time.time()
             time.sleep(opts.seconds)
-            c1, w1, s1 = cpu(), time.monotonic(), rec.snapshot()
+            c1, w1, wall1 = cpu(), time.monotonic(), time.time()
             sys1 = dict(rec.sys)
             bproc = psutil.Process(broker.proc.pid) if broker and broker.proc else None
             rss = sum(p.memory_info().rss for p in ps) / 2**20
             broker_rss = bproc.memory_info().rss / 2**20 if bproc else None
             wall = w1 - w0
-            tr = traffic(s0, s1, wall, opts.nodes)
+            # Count by sample time: wait for what was sampled in the window to arrive.
+            settled = rec.settle(wall1, opts.nodes, 30.0)
+            recs, lags = rec.window(wall0, wall1)
+            tr = traffic(recs, wall1 - wall0, opts.nodes)
             out: dict[str, Any] = {
                 "nodes": opts.nodes,
                 "procs": len(procs),
@@ -728,6 +743,9 @@ def run_fleet_bench(opts: FleetOptions) -> dict[str, Any]:
                 "msgs_per_node_s": tr["msgs_per_node_s"],
                 "bytes_per_node_s": tr["bytes_per_node_s"],
                 "traffic_by_kind": tr["by_kind"],
+                "settled": settled,
+                "delivery_lag_p50_ms": percentile_ms(lags, 50),
+                "delivery_lag_p99_ms": percentile_ms(lags, 99),
                 "extrapolated": extrapolate(tr["msgs_per_node_s"], tr["bytes_per_node_s"]),
                 "workers_cpu_pct_one_core": round(100 * (c1 - c0) / wall, 1),
                 "cpu_pct_one_core_per_node": round(100 * (c1 - c0) / wall / opts.nodes, 3),

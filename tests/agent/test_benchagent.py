@@ -41,7 +41,8 @@ def bench(*args: str, timeout_s: float = 120) -> dict[str, Any]:
 def test_percentiles_and_traffic() -> None:
     assert percentile_ms([], 50) is None
     assert percentile_ms([0.001, 0.002, 0.003], 50) == 2.0
-    t = traffic({"telemetry": (1, 100)}, {"telemetry": (21, 2100), "cap": (4, 400)}, 10.0, 2)
+    recs = [(float(i), "telemetry", 100) for i in range(20)] + [(float(i), "cap", 100) for i in range(4)]
+    t = traffic(recs, 10.0, 2)
     assert t["by_kind"]["telemetry"] == {"msgs_per_node_s": 1.0, "bytes_per_node_s": 100.0}
     assert t["msgs_per_node_s"] == 1.2 and t["bytes_per_node_s"] == 120.0
     assert extrapolate(1.0, 5000.0)["mbytes_s"] == 50.0
