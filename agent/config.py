@@ -207,7 +207,6 @@ class ControlConfig(_Section):
     slowdown_c: float | None = Field(default=None, ge=30, le=120, description="default: the GPU's slowdown")
     margin_c: float = Field(default=3.0, ge=0, le=30)
     node_power_budget_w: float | None = Field(default=None, gt=0)
-    design_delta_t_c: float = Field(default=10.0, gt=0, le=50)
     min_cap: int = Field(default=1, ge=0)
     max_cap: int = Field(default=256, ge=1, le=100_000)
     safe_cap: int = Field(default=8, ge=0)

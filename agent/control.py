@@ -11,14 +11,14 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from agent.config import ControlConfig
+from agent.config import ControlConfig, CoolantConfig
 from controllers.api import Decision, Limits, Observation
 from controllers.mpc import MpcController
 from controllers.safety import SafetyLayer
 from sensors.base import GpuInfo
 
 
-def limits_from(cfg: ControlConfig, infos: list[GpuInfo], *, cp: float, density: float) -> Limits:
+def limits_from(cfg: ControlConfig, coolant: CoolantConfig, infos: list[GpuInfo]) -> Limits:
     """Limits from config, defaulting temperatures to the strictest GPU's thresholds."""
 
     def strictest(attr: str, fallback: float) -> float:
@@ -32,9 +32,9 @@ def limits_from(cfg: ControlConfig, infos: list[GpuInfo], *, cp: float, density:
         slowdown_c=cfg.slowdown_c or strictest("slowdown_c", 89.0),
         margin_c=cfg.margin_c,
         node_power_budget_w=cfg.node_power_budget_w,
-        design_delta_t_c=cfg.design_delta_t_c,
-        coolant_cp_j_per_kg_k=cp,
-        coolant_density_kg_per_l=density,
+        design_delta_t_c=coolant.design_delta_t_c,
+        coolant_cp_j_per_kg_k=coolant.cp_j_per_kg_k,
+        coolant_density_kg_per_l=coolant.density_kg_per_l,
         min_cap=cfg.min_cap,
         max_cap=cfg.max_cap,
         safe_cap=cfg.safe_cap,

@@ -62,6 +62,7 @@ RESTART_KEYS = (
     "sensors.backend",
     "sensors.gpu_indices",
     "power_limits",
+    "coolant",
 )
 
 
@@ -312,6 +313,8 @@ class Agent:
         """The safety hook: runs inside the MQTT handler the moment a leak is parsed."""
         self.leak_events.append(event)
         self.log.warning("leak_event", sensor=event.sensor_id, state=event.state, latched=event.latched)
+        if self.control is not None and self.poller is not None:
+            self.react()  # the safety cap goes out now, not at the next tick
         if self.on_leak is not None:
             self.on_leak(event)
 
@@ -332,8 +335,11 @@ class Agent:
 
     # -- control ----------------------------------------------------------------------
     def coolant_obs(self) -> CoolantObs:
-        """The coolant loop as the controllers see it (no sensors: unknown, not stale)."""
-        return CoolantObs()
+        """The coolant loop as the controllers see it (no sensors declared: unknown, not stale)."""
+        if not self.coolant.sensors:
+            return CoolantObs()
+        s = self.coolant.snapshot(self.gpu_power_w())
+        return CoolantObs(supply_temp_c=s.supply_temp_c, flow_lpm=s.flow_lpm, stale=s.stale, leak=s.leak)
 
     # -- gates and operator commands -----------------------------------------------------
     def _on_gate_report(self, topic: str, payload: bytes) -> None:
@@ -605,7 +611,7 @@ class Agent:
             ),
         )
         self.control = ControlLoop(
-            limits_from(self.cfg.control, self.infos, cp=4186.0, density=0.997), len(self.infos)
+            limits_from(self.cfg.control, self.cfg.coolant, self.infos), len(self.infos)
         )
         await asyncio.to_thread(self._start_power_limits)
         self.log.info(
@@ -683,7 +689,7 @@ class Agent:
             self.link.outbox.max_messages = new.outbox.max_messages
             self.link.replay.rate_per_s = new.outbox.replay_rate_msgs_s
             if set_limits and new.control != old.control:
-                set_limits(limits_from(new.control, self.infos, cp=4186.0, density=0.997))
+                set_limits(limits_from(new.control, new.coolant, self.infos))
             self.cfg = new
             self.log.info("reloaded", needs_restart=kept or None)
         finally:

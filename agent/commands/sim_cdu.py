@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from agent import config as configmod
 from agent import log as logmod
 from agent.cli import EX_CONFIG
-from agent.mqtt import Topics, aiomqtt_factory
+from agent.mqtt import ClientFactory, ClientLike, Topics, aiomqtt_factory
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -75,8 +75,14 @@ async def run(
     period_s: float,
     heat_w: float | None,
     duration_s: float | None,
+    factory: ClientFactory | None = None,
+    stop: asyncio.Event | None = None,
 ) -> int:
-    """Publish until stopped (SIGTERM/SIGINT) or the duration has passed."""
+    """Publish until stopped (SIGTERM/SIGINT, or ``stop``) or the duration has passed.
+
+    ``factory`` makes the MQTT clients (default: aiomqtt per ``cfg.mqtt``; the demo
+    passes its in-process broker's).
+    """
     from sensors.sim_cdu import LoopParams, Scenario, SimCdu
 
     assert isinstance(scenario, Scenario)
@@ -89,19 +95,22 @@ async def run(
     )
     cdu = SimCdu(list(cfg.coolant.sensors), scenario, params, seed=cfg.sim.seed)
     state = {"heat_w": heat_w if heat_w is not None else cfg.sim.gpus * 400.0}
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
+    if stop is None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, stop.set)
     duration_s = duration_s if duration_s is not None else scenario.duration_s
     telemetry_topic = Topics.for_node(cfg.node, cfg.mqtt.topic_prefix).telemetry
     prefix = f"{cfg.mqtt.topic_prefix}/{cfg.node.site}/{cfg.node.rack}/sim-cdu"
-    factory = aiomqtt_factory(cfg.mqtt, f"rackguard-sim-cdu-{cfg.node.site}-{cfg.node.rack}-{cfg.node.name}")
+    factory = factory or aiomqtt_factory(
+        cfg.mqtt, f"rackguard-sim-cdu-{cfg.node.site}-{cfg.node.rack}-{cfg.node.name}"
+    )
     will = aiomqtt.Will(f"{prefix}/status", b"offline", qos=1, retain=True)
     log.info("sim_cdu_started", sensors=[s.id for s in cfg.coolant.sensors], events=len(scenario.events))
 
-    async def listen(client: aiomqtt.Client) -> None:
+    async def listen(client: ClientLike) -> None:
         async for m in client.messages:
             try:
                 doc = json.loads(bytes(m.payload) if isinstance(m.payload, bytes | bytearray) else b"")
@@ -115,9 +124,7 @@ async def run(
     last = start
     while not stop.is_set():
         try:
-            async with factory(will) as c:
-                client = c
-                assert isinstance(client, aiomqtt.Client)
+            async with factory(will) as client:
                 await client.subscribe(telemetry_topic, qos=0)
                 listener = asyncio.create_task(listen(client))
                 try:
