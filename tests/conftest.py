@@ -86,6 +86,7 @@ def broker_factory(tmp_path: Path) -> Iterator[BrokerFactory]:
             f"listener {port} 127.0.0.1",
             f"allow_anonymous {'true' if anonymous else 'false'}",
             "persistence false",
+            "set_tcp_nodelay true",  # as deployments should: no Nagle delay on small QoS 1 messages
         ]
         conf.write_text("\n".join(lines) + "\n" + extra + "\n")
         b = Broker(port=port, conf=conf, log=d / "mosquitto.log")
