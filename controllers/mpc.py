@@ -14,8 +14,11 @@ Each step, per GPU:
    every constraint row is monotone in the held power and the largest feasible power
    has a closed form, min over rows of (limit − free response)/step gain. That is the
    exact optimum of "maximise served concurrency subject to every row";
-4. node constraints (power budget, heat the measured flow carries at design ΔT) are
-   shared by water-filling a common per-GPU power ceiling (bisection);
+4. node constraints (power budget less 3σ of the node's summed power noise, heat the
+   measured flow carries at design ΔT) are shared either by water-filling a common
+   per-GPU power ceiling or by filling GPUs one after another (the rest at ``min_cap``),
+   whichever gives the larger summed cap: with a concave power curve the packed split
+   serves far more concurrency per watt;
 5. the largest integer cap whose conservative power fits is found by bisection; a rise
    smaller than ``raise_deadband`` is not taken (the change penalty), falls always are.
 """
@@ -50,6 +53,8 @@ class MpcSettings:
         raise_deadband: A cap rise smaller than this is not taken.
         boost_block_s: Length of the first block of the planned cap sequence.
         rise_hysteresis_w: A cap rises only if its power fits with this much to spare.
+        budget_sigmas: Standard deviations of the node's summed power noise kept free
+            under the node power budget.
     """
 
     step_s: float = 1.0
@@ -57,8 +62,9 @@ class MpcSettings:
     gain_sigmas: float = 2.0
     assumed_supply_c: float = 30.0
     raise_deadband: int = 2
-    boost_block_s: float = 10.0
+    boost_block_s: float = 3.0
     rise_hysteresis_w: float = 5.0
+    budget_sigmas: float = 3.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,21 +249,16 @@ class MpcController:
         node_w = math.inf
         node_kind: Binding = "none"
         if lim.node_power_budget_w is not None:
-            node_w, node_kind = lim.node_power_budget_w, "power"
+            # The budget is kept by the node's 1 s average, which sums every GPU's noise.
+            node_w = lim.node_power_budget_w - s.budget_sigmas * self.power_model.node_noise_w()
+            node_kind = "power"
         if flow_lpm is not None:
             q_w = lim.coolant_heat_max_w(flow_lpm)
             if q_w < node_w:
                 node_w, node_kind = q_w, "coolant_flow"
         node_bound = False
         if math.isfinite(node_w) and float(np.sum(p_allow)) > node_w:
-            lo, hi = 0.0, p_max
-            for _ in range(40):
-                mid = 0.5 * (lo + hi)
-                if float(np.sum(np.minimum(p_allow, mid))) <= node_w:
-                    lo = mid
-                else:
-                    hi = mid
-            p_allow = np.minimum(p_allow, lo)
+            p_allow = self._share_node_power(p_allow, node_w, lost)
             node_bound = True
         self.last_power_allowed_w = p_allow
 
@@ -306,6 +307,38 @@ class MpcController:
             binding = binding_gpu[worst]
         assert binding in get_args(Binding)
         return Decision(tuple(int(c) for c in caps), "mpc", binding, t_max)
+
+    def _share_node_power(self, p_allow: FloatArray, node_w: float, lost: NDArray[np.bool_]) -> FloatArray:
+        """Split a node power limit into per-GPU ceilings, maximising the summed caps.
+
+        Two candidates, the one whose caps sum higher wins: an equal ceiling for all
+        (water-filling), and GPUs filled one after another up to their own ceiling while
+        the rest hold ``min_cap``. With a concave power curve (power saturates in
+        concurrency) the second serves more concurrency per watt; with a linear or convex
+        one the first wins. GPUs now at the highest caps are filled first, so the split
+        is stable from tick to tick.
+        """
+        lim = self.limits
+        lo, hi = 0.0, lim.gpu_power_max_w
+        for _ in range(40):
+            mid = 0.5 * (lo + hi)
+            if float(np.sum(np.minimum(p_allow, mid))) <= node_w:
+                lo = mid
+            else:
+                hi = mid
+        equal = np.minimum(p_allow, lo)
+        floor = np.minimum(
+            self.power_model.conservative_power_w(np.full(self.n_gpus, float(lim.min_cap))), p_allow
+        )
+        spare = node_w - float(np.sum(floor))
+        packed = floor.copy()
+        for i in np.lexsort((np.arange(self.n_gpus), -self._caps, lost)):
+            add = min(float(p_allow[i] - floor[i]), max(spare, 0.0))
+            packed[i] += add
+            spare -= add
+        served_equal = np.sum(self.power_model.max_concurrency(equal, lim.min_cap, lim.max_cap))
+        served_packed = np.sum(self.power_model.max_concurrency(packed, lim.min_cap, lim.max_cap))
+        return equal if served_equal >= served_packed else packed
 
     def confidence(self) -> FloatArray:
         """Per-GPU identification confidence in [0, 1] (min of thermal gain and power curve)."""

@@ -143,6 +143,10 @@ class OnlinePowerModel:
         count = np.minimum(self.samples / (3.0 * self.min_samples), 1.0)
         return count
 
+    def node_noise_w(self) -> float:
+        """Standard deviation of the node's summed power around the fits (GPUs independent)."""
+        return float(np.sqrt(np.sum(self._var_w2)))
+
     def conservative_power_w(self, concurrency: FloatArray) -> FloatArray:
         """Power used for decisions at candidate concurrencies.
 
