@@ -8,10 +8,14 @@ safety immediately on a leak message).
 
 The oracle is a clairvoyant controller: it reads the true plant state, knows the future
 load, supply and flow, has no measurement noise and no model error, and each tick holds
-the largest common cap whose noise-free 30 s future keeps the same constraints the MPC
-is given (die ≤ max − margin, HBM ≤ mem max − margin, node power ≤ budget and ≤ what the
-flow carries). It goes through the same safety layer. It is a receding-horizon optimum,
-not a global one, so a ratio slightly above 1 is possible.
+for 30 s the allocation that serves most while its noise-free future keeps the same
+constraints the MPC is given (die ≤ max − margin, HBM ≤ mem max − margin, node power ≤
+what the flow carries and ≤ budget less 3σ of the node's 1 s power noise, which it
+cannot foresee). Allocations: one common cap, or k GPUs at the hottest GPU's thermal cap,
+one at a remainder and the rest at min_cap (with a concave power curve this serves more
+per watt under a node limit). It goes through the same safety layer. It is a
+receding-horizon optimum over caps held for 30 s, not a global one: a controller that
+changes caps every tick (duty cycling on a concave power curve) can exceed it.
 """
 
 from __future__ import annotations
@@ -229,27 +233,54 @@ class OracleController:
         self.plant = plant
         self.horizon_s = horizon_s
         self._cands = np.arange(scenario.limits.min_cap, scenario.limits.max_cap + 1, dtype=float)
+        # Standard deviation of one GPU's power averaged over a tick (AR(1), time constant
+        # 0.5 s as in the plant), summed over the node's independent GPUs.
+        cfg, tau_s, tick_s = scenario.plant, 0.5, scenario.tick_s
+        var_mean = 2 * tau_s / tick_s * (1 - tau_s / tick_s * (1 - math.exp(-tick_s / tau_s)))
+        self._node_noise_w = cfg.power_noise_w * math.sqrt(var_mean * cfg.n_gpus)
 
     def step(self, obs: Observation) -> Decision:
-        """The largest common cap that keeps the noise-free future within limits."""
+        """The allocation serving most whose noise-free future stays within limits."""
         scn, lim = self.scn, self.scn.limits
+        n = scn.plant.n_gpus
         step_s = scn.tick_s
         ts = obs.t_s + step_s * np.arange(1, int(self.horizon_s / step_s) + 1)
         offered = np.array([scn.load.at(t - step_s) for t in ts])
         supply = np.array([scn.supply_c.at(t) for t in ts])
         flow = np.array([scn.flow_lpm.at(t) for t in ts])
-        served = np.minimum(self._cands[:, None], offered[None, :])
+        served = np.minimum(self._cands[:, None], offered[None, :])  # (caps, steps)
         power = scn.plant.power.power_w(served)
         x_hot = np.max(self.plant.x, axis=0)
         die_max, mem_max = predict_max(scn.plant.thermal, x_hot, power, supply, flow, step_s)
-        node_w = power * scn.plant.n_gpus
         ok = (die_max <= lim.gpu_temp_max_c - lim.margin_c) & (mem_max <= lim.mem_temp_max_c - lim.margin_c)
-        heat_max = np.array([lim.coolant_heat_max_w(f) for f in flow])
-        ok &= np.all(node_w <= heat_max[None, :], axis=1)
+        i_th = int(np.nonzero(ok)[0][-1]) if np.any(ok) else 0
+        # Node limit per future step: heat the flow carries, and the budget less 3σ of the
+        # node's 1 s average power noise (the noise is not known in advance).
+        node_lim = np.array([lim.coolant_heat_max_w(f) for f in flow])
         if lim.node_power_budget_w is not None:
-            ok &= np.all(node_w <= lim.node_power_budget_w, axis=1)
-        cap = int(self._cands[np.nonzero(ok)[0][-1]]) if np.any(ok) else lim.min_cap
-        return Decision((cap,) * scn.plant.n_gpus, "mpc", "none", float(np.max(die_max)))
+            node_lim = np.minimum(node_lim, lim.node_power_budget_w - 3.0 * self._node_noise_w)
+        # Equal caps, or k GPUs at the thermal cap, one at a remainder, the rest at min_cap
+        # (with a concave power curve the latter serves more per watt): the best that fits.
+        p_th, p_min = power[i_th], power[0]
+        value = served.sum(axis=1)
+        best_v, best = -1.0, (int(self._cands[0]),) * n
+        for k in range(n):
+            fits = np.all(k * p_th + power[: i_th + 1] + (n - k - 1) * p_min <= node_lim, axis=1)
+            if not np.any(fits):
+                break
+            j = int(np.nonzero(fits)[0][-1])
+            v = k * value[i_th] + value[j] + (n - k - 1) * value[0]
+            caps = (
+                (int(self._cands[i_th]),) * k + (int(self._cands[j]),) + (int(self._cands[0]),) * (n - k - 1)
+            )
+            if v > best_v:
+                best_v, best = v, caps
+        fits = np.all(n * power[: i_th + 1] <= node_lim, axis=1)
+        if np.any(fits):
+            j = int(np.nonzero(fits)[0][-1])
+            if n * value[j] >= best_v:
+                best = (int(self._cands[j]),) * n
+        return Decision(best, "mpc", "none", float(np.max(die_max)))
 
 
 def make_controller(name: str, scenario: Scenario, plant: Plant) -> Controller:
