@@ -77,6 +77,7 @@ async def main(args: argparse.Namespace) -> int:
                 "source": gate.source,
                 "completed_total": gate.completed_total,
                 "tokens_total": gate.tokens_total,
+                "max_admitted_over_limit": gate.max_admitted_over_limit,
             }
             print(json.dumps(line), flush=True)
             await asyncio.sleep(args.print_s)
