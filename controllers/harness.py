@@ -49,9 +49,9 @@ CONTROLLERS = ("mpc", "pid", "threshold")
 # max cap cannot hold a 1 s average under a budget); its tuning is the best on the rest.
 THRESHOLD_TUNING: dict[str, float] = {
     "t_hi_c": 84.0,
-    "t_lo_c": 80.0,
-    "node_hi_frac": 0.95,
-    "node_lo_frac": 0.85,
+    "t_lo_c": 83.0,
+    "node_hi_frac": 0.98,
+    "node_lo_frac": 0.9,
 }
 PID_TUNING: dict[str, float] = {
     "setpoint_c": 84.0,
