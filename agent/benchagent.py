@@ -89,6 +89,7 @@ class Mosquitto:
         conf.write_text(
             f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
             "sys_interval 1\nmax_queued_messages 100000\n"
+            "set_tcp_nodelay true\n"  # as deployments should (see BENCHMARKS.md, leak to safety hook)
         )
         log = (self.workdir / "mosquitto.log").open("ab")
         self.proc = subprocess.Popen([exe, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
@@ -275,7 +276,7 @@ def agent_config(
     publish_period_s: float = 1.0,
     outbox_path: Path | None = None,
 ) -> str:
-    """The bench node's TOML: production periods, the sim backend, one leak detector."""
+    """The bench node's TOML: production periods and control, the sim backend, one leak detector."""
     outbox = f'[outbox]\npath = "{outbox_path}"\n' if outbox_path else ""
     return f"""\
 [node]
@@ -299,9 +300,6 @@ gpus = {gpus}
 
 [telemetry]
 publish_period_s = {publish_period_s}
-
-[control]
-cap_rise_per_s = 100000.0   # bench: the cap recovers at the next step after a leak clears
 
 [coolant]
 leak_clear = "auto"         # bench: an OK reading clears the latch (production default: ack)
@@ -391,6 +389,29 @@ def _leak_publisher(host: str, port: int) -> Any:
     pub.connect(host, port)
     pub.loop_start()
     return pub
+
+
+class LeakDetectorsOk:
+    """Leak detectors reporting ``OK`` once a second on ``topics`` (a thread), as real ones would."""
+
+    def __init__(self, host: str, port: int, topics: list[str]) -> None:
+        self.pub = _leak_publisher(host, port)
+        self.topics = topics
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="leak-ok", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            for t in self.topics:
+                self.pub.publish(t, b"OK", qos=1)
+            self.stop.wait(1.0)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        self.pub.loop_stop()
+        self.pub.disconnect()
 
 
 # -- bench agent ---------------------------------------------------------------------------
@@ -636,10 +657,22 @@ class FleetOptions:
     progress: Callable[[str], None] = field(default=lambda s: None)
 
 
+def fleet_rack(i: int) -> str:
+    """The rack of fleet node ``i`` (16 nodes a rack)."""
+    return f"r{i // 16:03d}"
+
+
 def fleet_node_config(host: str, port: int, i: int, *, gpus: int, poll_period_s: float) -> dict[str, Any]:
-    """Node ``i`` of the fleet: its own name, rack and simulator seed; no HTTP."""
+    """Node ``i`` of the fleet: its own name, rack and simulator seed, its rack's leak detector; no HTTP."""
+    leak = {
+        "id": "rack-leak",
+        "kind": "leak",
+        "format": "plain",
+        "topic": f"bench/fleet/{fleet_rack(i)}/leak",
+    }
     return {
-        "node": {"site": "fleet", "rack": f"r{i // 16:03d}", "name": f"n{i:05d}"},
+        "node": {"site": "fleet", "rack": fleet_rack(i), "name": f"n{i:05d}"},
+        "coolant": {"leak_clear": "auto", "sensors": [leak]},
         "mqtt": {"host": host, "port": port, "keepalive_s": 30},
         "sensors": {
             "backend": "sim",
@@ -688,6 +721,8 @@ def run_fleet_bench(opts: FleetOptions) -> dict[str, Any]:
         broker_at(Path(d), opts.broker) as (host, port, broker),
     ):
         rec = Recorder(host, port, ["rackguard/#", "$SYS/broker/#"])
+        racks = sorted({fleet_rack(i) for i in range(opts.nodes)})
+        detectors = LeakDetectorsOk(host, port, [f"bench/fleet/{r}/leak" for r in racks])
         env = {k: v for k, v in os.environ.items() if not k.startswith("RACKGUARD_")}
         procs: list[subprocess.Popen[bytes]] = []
         per = -(-opts.nodes // opts.procs)
@@ -766,6 +801,7 @@ def run_fleet_bench(opts: FleetOptions) -> dict[str, Any]:
                 except subprocess.TimeoutExpired:
                     p.kill()
                     codes.append(p.wait())
+            detectors.close()
             rec.close()
         out["worker_exit_codes"] = codes
         return out

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import json
 import random
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -112,6 +113,9 @@ def aiomqtt_factory(cfg: MqttConfig, client_id: str) -> ClientFactory:
             keepalive=cfg.keepalive_s,
             timeout=cfg.publish_timeout_s,
             tls_params=tls,
+            # No Nagle delay: a cap sent right after a PUBACK would wait ~40 ms for the broker's
+            # delayed ACK (the leak-to-cap path; BENCHMARKS.md "Agent overhead").
+            socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
         )
         return client
 

@@ -63,6 +63,9 @@ def test_bench_agent_runs_and_reports() -> None:
     assert out["tick_jitter_p50_ms"] is not None and out["control_p50_ms"] > 0
     assert 0.5 <= out["traffic_by_kind"]["telemetry"]["msgs_per_node_s"] <= 1.5
     assert out["bytes_per_node_s"] > 1000  # 8 GPUs' mean/min/max JSON
+    # Every leak gave a cap with reason "leak", and every clear a cap without it.
+    assert out["leak_events"] == 5 and out["leak_missed"] == 0
+    assert out["leak_to_cap_p50_ms"] > 0
     # Replay: every seq produced while the broker was down arrives, flagged historical.
     assert out["replay_backlog_msgs"] >= 10
     assert out["replay_missing_seqs"] == 0
