@@ -41,3 +41,15 @@ def test_readme_test_command_is_what_ci_runs() -> None:
     ci = (REPO / ".ci" / "run").read_text()
     assert "python3 -m pytest -q" in (REPO / "README.md").read_text()
     assert "python3 -m pytest -q" in ci
+
+
+def test_readme_toml_examples_are_valid_config() -> None:
+    import tomllib
+
+    from agent import config as configmod
+
+    text = (REPO / "README.md").read_text()
+    blocks = re.findall(r"```toml\n(.*?)```", text, re.S)
+    assert blocks
+    for block in blocks:
+        configmod.validate(tomllib.loads(block))  # raises ConfigError naming the key
