@@ -48,7 +48,11 @@ class Notifier:
             return False
         try:
             if self._sock is None:
-                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                # Non-blocking: a full notify queue must never stall the control loop (the
+                # message is dropped instead; a missed WATCHDOG=1 is re-sent half an interval later).
+                self._sock = socket.socket(
+                    socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+                )
             self._sock.sendto("\n".join(fields).encode(), self.address)
             return True
         except OSError as exc:
