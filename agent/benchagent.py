@@ -38,6 +38,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,7 +77,11 @@ def parse_hostport(s: str) -> tuple[str, int]:
 
 @dataclass
 class Mosquitto:
-    """A mosquitto on 127.0.0.1:port; ``stop``/``start`` make an outage on the same port."""
+    """A mosquitto on 127.0.0.1:port; ``stop``/``start`` make an outage on the same port.
+
+    Persistence keeps the sessions (a persistent subscriber's subscription and queue)
+    across ``stop``/``start``.
+    """
 
     port: int
     workdir: Path
@@ -86,8 +91,14 @@ class Mosquitto:
     def start(self) -> None:
         exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         conf = self.workdir / "mosquitto.conf"
+        db = self.workdir / "mosquitto-db"
+        db.mkdir(exist_ok=True)
+        # mosquitto started as root drops to user mosquitto, which must reach and write the db.
+        self.workdir.chmod(self.workdir.stat().st_mode | 0o011)
+        db.chmod(0o777)
         conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
+            f"persistence true\npersistence_location {db}/\n"
             "sys_interval 1\nmax_queued_messages 100000\n"
             "set_tcp_nodelay true\n"  # as deployments should (see BENCHMARKS.md, leak to safety hook)
         )
@@ -142,8 +153,18 @@ class Recorder:
     each telemetry message's arrival time, seq and historical flag.
     """
 
-    def __init__(self, host: str, port: int, topics: list[str], *, telemetry_seqs: bool = False) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        topics: list[str],
+        *,
+        telemetry_seqs: bool = False,
+        session_id: str | None = None,
+    ) -> None:
         import paho.mqtt.client as mqtt
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
 
         self.cond = threading.Condition()
         self.records: list[tuple[float, str, int]] = []  # (t_s, kind, topic + payload bytes)
@@ -155,7 +176,9 @@ class Recorder:
         self.telemetry: list[tuple[float, int, bool]] = []  # (perf_counter, seq, historical)
         self.connected_at: list[float] = []
         self._telemetry_seqs = telemetry_seqs
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=session_id or "", protocol=mqtt.MQTTv5
+        )
         # Back before the agent is (paho takes float delays; its hints say int).
         self.client.reconnect_delay_set(min_delay=0.05, max_delay=0.2)  # type: ignore[arg-type]
         subscribed = threading.Event()
@@ -169,7 +192,11 @@ class Recorder:
         self.client.on_connect = on_connect
         self.client.on_subscribe = lambda *a: subscribed.set()
         self.client.on_message = self._on_message
-        self.client.connect(host, port)
+        props = None
+        if session_id:  # a persistent session: the broker queues what arrives while we are away
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = 3600
+        self.client.connect(host, port, clean_start=not session_id, properties=props)
         self.client.loop_start()
         if not subscribed.wait(10):
             raise RuntimeError("bench subscriber did not subscribe")
@@ -448,6 +475,7 @@ def _steady_and_leak(opts: AgentBenchOptions, host: str, port: int, workdir: Pat
         t0 = agent.get("/debug/timings")
         time.sleep(0.3)  # keep the HTTP request itself out of the window
         skip_ticks = 3
+        caps0 = len(rec.caps)
         c0, w0, wall0 = agent.cpu_s(), time.monotonic(), time.time()
         rss_samples = [agent.rss_mb()[0]]
         end = w0 + opts.seconds
@@ -494,6 +522,7 @@ def _steady_and_leak(opts: AgentBenchOptions, host: str, port: int, workdir: Pat
             bytes_per_node_s=tr["bytes_per_node_s"],
             msgs_per_node_s=tr["msgs_per_node_s"],
             traffic_by_kind=tr["by_kind"],
+            cap_reasons=dict(Counter(r for _, r in rec.caps[caps0:])),
             extrapolated=extrapolate(tr["msgs_per_node_s"], tr["bytes_per_node_s"]),
             delivery_lag_p50_ms=percentile_ms(lags, 50),
             delivery_lag_p99_ms=percentile_ms(lags, 99),
@@ -577,7 +606,11 @@ def _replay(opts: AgentBenchOptions, broker: Mosquitto, workdir: Path) -> dict[s
         outbox_path=workdir / "replay-outbox.sqlite",
     )
     rec = Recorder(
-        broker.host, broker.port, ["rackguard/bench/r1/replay-node/telemetry"], telemetry_seqs=True
+        broker.host,
+        broker.port,
+        ["rackguard/bench/r1/replay-node/telemetry"],
+        telemetry_seqs=True,
+        session_id="rackguard-bench-replay",  # nothing replayed is missed if the agent is back first
     )
     agent = AgentProc(workdir, cfg, http_port, "replay")
     try:
@@ -756,6 +789,7 @@ def run_fleet_bench(opts: FleetOptions) -> dict[str, Any]:
                 return sum(float(t.user + t.system) for t in (p.cpu_times() for p in ps))
 
             sys0 = dict(rec.sys)
+            caps0 = len(rec.caps)
             c0, w0, wall0 = cpu(), time.monotonic(), time.time()
             time.sleep(opts.seconds)
             c1, w1, wall1 = cpu(), time.monotonic(), time.time()
@@ -779,6 +813,7 @@ def run_fleet_bench(opts: FleetOptions) -> dict[str, Any]:
                 "bytes_per_node_s": tr["bytes_per_node_s"],
                 "traffic_by_kind": tr["by_kind"],
                 "settled": settled,
+                "cap_reasons": dict(Counter(r for _, r in rec.caps[caps0:])),
                 "delivery_lag_p50_ms": percentile_ms(lags, 50),
                 "delivery_lag_p99_ms": percentile_ms(lags, 99),
                 "extrapolated": extrapolate(tr["msgs_per_node_s"], tr["bytes_per_node_s"]),
