@@ -26,7 +26,7 @@ Each step, per GPU:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import get_args
 
 import numpy as np
@@ -34,10 +34,11 @@ from numpy.typing import NDArray
 
 from controllers.api import Binding, Decision, Limits, Observation
 from controllers.ident import GainOffsetTracker
-from controllers.power import OnlinePowerModel
+from controllers.power import OnlinePowerModel, RequestTiming
 from controllers.thermal import DEFAULT_PARAMS, N_STATES, ThermalParams, discretize
 
 FloatArray = NDArray[np.float64]
+IntArray = NDArray[np.int64]
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +53,8 @@ class MpcSettings:
             estimate absorbs the error).
         raise_deadband: A cap rise smaller than this is not taken.
         boost_block_s: Length of the first block of the planned cap sequence.
+        requests: Request duration vs concurrency: after a cut, requests in flight drain
+            as they complete (the gate never kills one), so the cut power falls slowly.
         rise_hysteresis_w: A cap rises only if its power fits with this much to spare.
         budget_sigmas: Standard deviations of the node's summed power noise kept free
             under the node power budget.
@@ -63,6 +66,7 @@ class MpcSettings:
     assumed_supply_c: float = 30.0
     raise_deadband: int = 2
     boost_block_s: float = 3.0
+    requests: RequestTiming = field(default_factory=RequestTiming)
     rise_hysteresis_w: float = 5.0
     budget_sigmas: float = 3.0
 
@@ -71,8 +75,8 @@ class MpcSettings:
 class _Predictor:
     a_pow: FloatArray  # (N, 3, 3): Ad^k, k = 1..N
     gain_const: FloatArray  # (N+1, 3): response to unit power held from step 0; last row steady
-    gain_a: FloatArray  # (N+1, 3): response to unit power during the first block only
-    gain_b: FloatArray  # (N+1, 3): response to unit power from the end of the first block on
+    h_die: FloatArray  # (N, N): die response at row k to unit power during step j (k ≥ j)
+    h_mem: FloatArray  # (N, N): the same for HBM
 
 
 class MpcController:
@@ -128,16 +132,14 @@ class MpcController:
                 gain[k] = acc
             die, _, mem = self.model.steady_rise_k(1.0, flow)
             steady = np.array([die, 0.0, mem])
-            k_a = max(1, min(n - 1, round(self.settings.boost_block_s / self.settings.step_s)))
-            g_a = gain.copy()
-            g_a[k_a:] -= gain[: n - k_a]
-            g_b = np.zeros_like(gain)
-            g_b[k_a:] = gain[: n - k_a]
+            imp = np.diff(gain, axis=0, prepend=np.zeros((1, N_STATES)))  # A^m·B
+            lag = np.arange(n)[:, None] - np.arange(n)[None, :]
+            h = np.where((lag >= 0)[..., None], imp[np.maximum(lag, 0)], 0.0)  # (N, N, 3)
             pred = _Predictor(
                 a_pow,
                 np.vstack([gain, steady]),
-                np.vstack([g_a, np.zeros(N_STATES)]),
-                np.vstack([g_b, steady]),
+                np.ascontiguousarray(h[:, :, 0]),
+                np.ascontiguousarray(h[:, :, 2]),
             )
             if len(self._predictors) > 512:
                 self._predictors.clear()
@@ -197,9 +199,11 @@ class MpcController:
         self.mem.update(self._x[:, 2], np.where(have_m, mem_rise, 0.0), have_m, dt_s)
         self.power_model.update(conc, power_meas, have_power & ~lost)
 
-        return self._solve(supply_c, flow, lost)
+        return self._solve(supply_c, flow, lost, conc)
 
-    def _solve(self, supply_c: float, flow_lpm: float | None, lost: NDArray[np.bool_]) -> Decision:
+    def _solve(
+        self, supply_c: float, flow_lpm: float | None, lost: NDArray[np.bool_], conc: FloatArray
+    ) -> Decision:
         lim = self.limits
         s = self.settings
         pred = self._predictor(flow_lpm)
@@ -224,23 +228,21 @@ class MpcController:
         room_die = room(self.die, 0, lim.gpu_temp_max_c - lim.margin_c, 0.0)
         room_mem = room(self.mem, 2, lim.mem_temp_max_c - lim.margin_c, self.model.mem_offset_c)
         p_max = lim.gpu_power_max_w
-        # Tail: the largest power held over the whole horizon and beyond.
-        p_die_tail = np.min(room_die / pred.gain_const[None, :, 0], axis=1)
-        p_mem_tail = np.where(self._mem_seen, np.min(room_mem / pred.gain_const[None, :, 2], axis=1), np.inf)
-        p_tail = np.clip(np.minimum(p_die_tail, p_mem_tail), 0.0, p_max)
-        # First block: the largest power for boost_block_s, followed by the tail.
-        has_a = pred.gain_a > 1e-12
-
-        def first(room_k: FloatArray, state: int) -> FloatArray:
-            rows = (room_k - pred.gain_b[None, :, state] * p_tail[:, None]) / np.where(
-                has_a[None, :, state], pred.gain_a[None, :, state], 1.0
-            )
-            rows = np.where(has_a[None, :, state], rows, np.inf)
-            return np.asarray(np.min(rows, axis=1))
-
-        p_die = first(room_die, 0)
-        p_mem = np.where(self._mem_seen, first(room_mem, 2), np.inf)
-        p_allow = np.clip(np.maximum(np.minimum(p_die, p_mem), p_tail), 0.0, p_max)
+        # Requests in flight are never killed: after a cut they drain as they complete, so the
+        # power of step j is max(held power, power of the drained concurrency), pd (n, N).
+        pd = self._drained_power_w(conc, s.horizon_steps)
+        # The largest power held over the whole horizon and beyond (drain included).
+        p_die = self._largest_held(room_die, pred.h_die, pred.gain_const[-1, 0], pd)
+        p_mem = np.where(
+            self._mem_seen, self._largest_held(room_mem, pred.h_mem, pred.gain_const[-1, 2], pd), np.inf
+        )
+        p_tail = np.clip(np.minimum(p_die, p_mem), 0.0, p_max)
+        # First block: a higher cap for boost_block_s, then the tail cap, with the requests
+        # admitted in the block draining after it (found by bisection over integer caps).
+        cap_a, p_die, p_mem = self._first_block(room_die, room_mem, pred, pd, p_tail)
+        p_allow = np.clip(
+            np.maximum(self.power_model.conservative_power_w(cap_a.astype(float)), p_tail), 0.0, p_max
+        )
         binding_gpu: list[Binding] = [
             "gpu_temp" if d <= m else "mem_temp" for d, m in zip(p_die, p_mem, strict=True)
         ]
@@ -258,7 +260,7 @@ class MpcController:
                 node_w, node_kind = q_w, "coolant_flow"
         node_bound = False
         if math.isfinite(node_w) and float(np.sum(p_allow)) > node_w:
-            p_allow = self._share_node_power(p_allow, node_w, lost)
+            p_allow = self._share_node_power(p_allow, node_w, lost, pd[:, 0])
             node_bound = True
         self.last_power_allowed_w = p_allow
 
@@ -283,15 +285,12 @@ class MpcController:
         caps = np.where(lost, lim.min_cap, caps)
         self._caps = caps
 
-        # Prediction at the chosen caps (for reporting), die only.
+        # Prediction at the chosen caps (for reporting), die only, drain included.
         p_caps = self.power_model.conservative_power_w(caps.astype(float))
         r_now = self._x[:, 0]
-        d_rise = (
-            free[:, :, 0]
-            + pred.gain_a[None, :, 0] * p_caps[:, None]
-            + pred.gain_b[None, :, 0] * np.minimum(p_tail, p_caps)[:, None]
-            - r_now[:, None]
-        )
+        u = np.maximum(p_caps[:, None], pd)
+        forced = np.concatenate([u @ pred.h_die.T, pred.gain_const[-1, 0] * p_caps[:, None]], axis=1)
+        d_rise = free[:, :, 0] + forced - r_now[:, None]
         g_hi = np.minimum(self.die.gain + s.gain_sigmas * self.die.gain_std, self.die.gain_max)
         g_lo = np.maximum(self.die.gain - s.gain_sigmas * self.die.gain_std, self.die.gain_min)
         g_sel = np.where(d_rise >= 0, g_hi[:, None], g_lo[:, None])
@@ -308,7 +307,109 @@ class MpcController:
         assert binding in get_args(Binding)
         return Decision(tuple(int(c) for c in caps), "mpc", binding, t_max)
 
-    def _share_node_power(self, p_allow: FloatArray, node_w: float, lost: NDArray[np.bool_]) -> FloatArray:
+    def _drained_power_w(self, conc: FloatArray, n_steps: int) -> FloatArray:
+        """Conservative power of the requests now in flight, step by step, if none is admitted.
+
+        Args:
+            conc: Requests in flight per GPU.
+            n_steps: Steps.
+
+        Returns:
+            (n, n_steps): power at the mean drained concurrency of each step (non-increasing).
+        """
+        step_s = self.settings.step_s
+        tau_s = self.settings.requests.duration_s(conc)[:, None]
+        t0 = step_s * np.arange(n_steps)[None, :]
+        # Mean in flight over each step of the first-order drain n0·exp(−t/τ).
+        mean_c = conc[:, None] * tau_s / step_s * (np.exp(-t0 / tau_s) - np.exp(-(t0 + step_s) / tau_s))
+        pd = self.power_model.conservative_power_w(mean_c)
+        return np.asarray(np.minimum.accumulate(pd, axis=1))
+
+    def _first_block(
+        self, room_die: FloatArray, room_mem: FloatArray, pred: _Predictor, pd: FloatArray, p_tail: FloatArray
+    ) -> tuple[IntArray, FloatArray, FloatArray]:
+        """Largest integer cap held for the first block, then cut to the tail's power.
+
+        After the block, the concurrency admitted in it drains as requests complete (first
+        order, the request duration at that concurrency), never below the tail's cap; the
+        power of each step is also at least ``pd`` (what is in flight now). Rows are
+        monotone in the block's cap, so bisection over integers finds the largest.
+
+        Returns:
+            (cap per GPU, die and HBM slack of the binding row at that cap, W-equivalent
+            for choosing the binding constraint).
+        """
+        s = self.settings
+        lim = self.limits
+        n_steps = s.horizon_steps
+        k_a = max(1, min(n_steps - 1, round(s.boost_block_s / s.step_s)))
+        t_after = s.step_s * (np.arange(n_steps) - k_a + 0.5)
+        in_block = t_after < 0
+        c_tail = self.power_model.max_concurrency(p_tail, 0, lim.max_cap).astype(float)
+        mem_on = self._mem_seen[:, None]
+
+        def slack(cap: FloatArray) -> tuple[FloatArray, FloatArray]:
+            tau_s = s.requests.duration_s(cap)[:, None]
+            after = np.maximum(
+                cap[:, None] * np.exp(-np.maximum(t_after, 0.0)[None, :] / tau_s), c_tail[:, None]
+            )
+            conc = np.where(in_block[None, :], cap[:, None], after)
+            u = np.maximum(self.power_model.conservative_power_w(conc), pd)
+            sd = np.min(room_die[:, :-1] - u @ pred.h_die.T, axis=1)
+            sm = np.where(mem_on[:, 0], np.min(room_mem[:, :-1] - u @ pred.h_mem.T, axis=1), np.inf)
+            return sd, sm
+
+        low = np.full(self.n_gpus, lim.min_cap, dtype=np.int64)
+        high = np.full(self.n_gpus, lim.max_cap, dtype=np.int64)
+        for _ in range(max(1, math.ceil(math.log2(lim.max_cap - lim.min_cap + 1)) + 1)):
+            mid = (low + high + 1) // 2
+            sd, sm = slack(mid.astype(float))
+            ok = (sd >= 0) & (sm >= 0)
+            low = np.where(ok, mid, low)
+            high = np.where(ok, high, mid - 1)
+        sd, sm = slack(np.minimum(low + 1, lim.max_cap).astype(float))
+        return low, sd, sm
+
+    @staticmethod
+    def _largest_held(room: FloatArray, h: FloatArray, steady: float, pd: FloatArray) -> FloatArray:
+        """Largest power p held over the horizon with every row's forced rise within its room.
+
+        Step j's power is max(p, pd_j): requests in flight drain no faster than ``pd``. With
+        pd non-increasing, the steps still above p are the first J, and each row is linear in
+        p on every segment pd_J ≤ p < pd_(J−1); rows are monotone in p, so the answer is the
+        largest segment-wise bound that lies in its segment (exact, no iteration).
+
+        Args:
+            room: (n, N+1) largest forced rise per row; the last row is the steady state.
+            h: (N, N) response at row k to unit power during step j.
+            steady: Steady-state rise per watt (the drain is gone by then).
+            pd: (n, N) drained power per step, non-increasing.
+
+        Returns:
+            (n,) the largest feasible held power (−inf if none, even at zero).
+        """
+        n_steps = h.shape[0]
+        rows = room[:, :-1]
+        # D[g, k, J] = Σ_{j<J} h[k, j]·pd[g, j];  G[k, J] = Σ_{j≥J} h[k, j].
+        d = np.zeros((pd.shape[0], n_steps, n_steps + 1))
+        np.cumsum(h[None, :, :] * pd[:, None, :], axis=2, out=d[:, :, 1:])
+        g = np.zeros((n_steps, n_steps + 1))
+        g[:, :-1] = np.cumsum(h[:, ::-1], axis=1)[:, ::-1]
+        slack = rows[:, :, None] - d
+        pos = g[None, :, :] > 1e-12
+        bound = np.where(
+            pos, slack / np.where(pos, g[None, :, :], 1.0), np.where(slack >= 0, np.inf, -np.inf)
+        )
+        p_j = np.min(bound, axis=1)  # (n, N+1)
+        hi = np.concatenate([np.full((pd.shape[0], 1), np.inf), pd], axis=1)
+        lo = np.concatenate([pd, np.zeros((pd.shape[0], 1))], axis=1)
+        cand = np.minimum(p_j, hi)
+        cand = np.where(cand >= lo, cand, -np.inf)
+        return np.minimum(np.max(cand, axis=1), room[:, -1] / steady)
+
+    def _share_node_power(
+        self, p_allow: FloatArray, node_w: float, lost: NDArray[np.bool_], committed_w: FloatArray
+    ) -> FloatArray:
         """Split a node power limit into per-GPU ceilings, maximising the summed caps.
 
         Two candidates, the one whose caps sum higher wins: an equal ceiling for all
@@ -316,13 +417,15 @@ class MpcController:
         the rest hold ``min_cap``. With a concave power curve (power saturates in
         concurrency) the second serves more concurrency per watt; with a linear or convex
         one the first wins. GPUs now at the highest caps are filled first, so the split
-        is stable from tick to tick.
+        is stable from tick to tick. A GPU's next-step power is at least ``committed_w``
+        (its requests in flight drain, none is killed): a ceiling up to it costs nothing,
+        and the node's power is max(ceiling, committed) summed (later steps drain lower).
         """
         lim = self.limits
         lo, hi = 0.0, lim.gpu_power_max_w
         for _ in range(40):
             mid = 0.5 * (lo + hi)
-            if float(np.sum(np.minimum(p_allow, mid))) <= node_w:
+            if float(np.sum(np.maximum(np.minimum(p_allow, mid), committed_w))) <= node_w:
                 lo = mid
             else:
                 hi = mid
@@ -330,12 +433,15 @@ class MpcController:
         floor = np.minimum(
             self.power_model.conservative_power_w(np.full(self.n_gpus, float(lim.min_cap))), p_allow
         )
-        spare = node_w - float(np.sum(floor))
-        packed = floor.copy()
+        base = np.maximum(floor, committed_w)
+        spare = node_w - float(np.sum(base))
+        # Over the limit already: hold min_cap everywhere so the requests in flight drain.
+        packed = np.minimum(base if spare >= 0.0 else floor, p_allow)
         for i in np.lexsort((np.arange(self.n_gpus), -self._caps, lost)):
-            add = min(float(p_allow[i] - floor[i]), max(spare, 0.0))
-            packed[i] += add
-            spare -= add
+            add = min(float(p_allow[i] - packed[i]), max(spare, 0.0))
+            if add > 0.0:
+                packed[i] += add
+                spare -= add
         served_equal = np.sum(self.power_model.max_concurrency(equal, lim.min_cap, lim.max_cap))
         served_packed = np.sum(self.power_model.max_concurrency(packed, lim.min_cap, lim.max_cap))
         return equal if served_equal >= served_packed else packed

@@ -2,21 +2,24 @@
 
 The thermal model is the same RC ladder as :mod:`controllers.thermal` but with the
 scenario's true parameters, simulated in small substeps. Served concurrency follows the
-cap: admissions are immediate, but when the cap falls, requests in flight drain with
-time constant ``drain_s``. Power has AR(1) noise (bursts); sensors quantise die and HBM
+cap like the inference server's gate (agent/gate.py): when the cap (or the offered load)
+rises, requests are admitted at once; when it falls, nothing is admitted and nothing is
+killed, so requests in flight drain as they complete, first order with the time constant
+of the mean request duration at the concurrency in flight (:class:`RequestTiming`:
+≈ 14.5 s at 256, 0.85 s at 1 for the trace's 128-token decodes). Power has AR(1) noise (bursts); sensors quantise die and HBM
 temperatures to whole °C (as NVML does) and average power over the tick (as the H100's
 power reading does).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from numpy.typing import NDArray
 
 from controllers.api import CoolantObs, GpuObs, Limits, Observation
-from controllers.power import PowerCurve
+from controllers.power import PowerCurve, RequestTiming
 from controllers.thermal import N_STATES, ThermalParams, discretize
 
 FloatArray = NDArray[np.float64]
@@ -32,7 +35,7 @@ class PlantConfig:
         power: True power-vs-concurrency curve.
         power_noise_w: Standard deviation of the power's AR(1) noise.
         temp_noise_c: Standard deviation of sensor noise before quantisation.
-        drain_s: Time constant of in-flight requests draining after a cap cut.
+        requests: Request duration vs concurrency (in-flight requests drain with it).
         substep_s: Simulation substep.
     """
 
@@ -41,7 +44,7 @@ class PlantConfig:
     power: PowerCurve
     power_noise_w: float = 10.0
     temp_noise_c: float = 0.3
-    drain_s: float = 2.0
+    requests: RequestTiming = field(default_factory=RequestTiming)
     substep_s: float = 0.1
 
 
@@ -125,10 +128,10 @@ class Plant:
         ad, bd = discretize(cfg.thermal, dt, flow_lpm)
         stats = StepStats()
         node_energy_j = 0.0
-        decay = np.exp(-dt / cfg.drain_s)
         rho = np.exp(-dt / 0.5)
         for _ in range(steps):
             target = np.minimum(offered, cap)
+            decay = np.exp(-dt / cfg.requests.duration_s(self.served))
             self.served = np.where(target >= self.served, target, np.maximum(target, self.served * decay))
             self.noise_w = rho * self.noise_w + np.sqrt(
                 1 - rho**2

@@ -39,6 +39,56 @@ class PowerCurve:
         return self.idle_w + self.span_w * (1.0 - np.exp(-c / self.sat_concurrency))
 
 
+@dataclass(frozen=True, slots=True)
+class RequestTiming:
+    """How long an LLM request stays in flight, as a function of the concurrency.
+
+    A decode step advances every sequence in the batch by one token and costs
+    ``base + per_concurrency·c`` (a fixed part: weights read once per step; a part per
+    sequence: its KV cache and compute), so a request of a fixed number of new tokens lasts
+    ``duration_s(c) = base_s + per_concurrency_s·c``.
+
+    Defaults, from /work/shared/data/h100_llm_decode.csv (256 prompt + 128 new tokens per
+    request) and shared/facts/h100.md: at concurrency 1, 0.88 J/token at 132 W is
+    150 tokens/s, so 128 tokens last 0.85 s; at 256, the first batch's prefill burst at
+    t = 108.0 s is followed by the next one at 122.5 s, so a request lasts ≈ 14.5 s
+    (256·128/14.5 ≈ 2260 tokens/s, the "about 15×" of concurrency 1). Through the two
+    points: per_concurrency_s = (14.5 − 0.85)/255 ≈ 0.0535 s, base_s ≈ 0.8 s
+    (≈ 4.2 s at 64, 7.6 s at 128).
+
+    Attributes:
+        base_s: Duration at vanishing concurrency.
+        per_concurrency_s: Added duration per request in flight.
+    """
+
+    base_s: float = 0.8
+    per_concurrency_s: float = 0.0535
+
+    def duration_s(self, concurrency: FloatArray | float) -> FloatArray:
+        """Mean request duration at a concurrency (vectorised)."""
+        c = np.maximum(np.asarray(concurrency, dtype=float), 0.0)
+        return np.maximum(self.base_s + self.per_concurrency_s * c, 1e-3)
+
+    def drained(self, concurrency: FloatArray | float, elapsed_s: FloatArray | float) -> FloatArray:
+        """Requests still in flight ``elapsed_s`` after admissions stopped (first-order drain).
+
+        The gate admits nothing while in flight ≥ cap and never kills a request, so after a
+        cut the in-flight count decays as requests complete: dn/dt = −n/duration(n0) (the
+        completion rate of uniformly aged requests; exact for exponential durations). The
+        duration is taken at the starting concurrency, which drains no faster than the
+        true, shortening one.
+
+        Args:
+            concurrency: In flight now.
+            elapsed_s: Time since.
+
+        Returns:
+            In flight then (broadcast shape).
+        """
+        c = np.maximum(np.asarray(concurrency, dtype=float), 0.0)
+        return np.asarray(c * np.exp(-np.asarray(elapsed_s, dtype=float) / self.duration_s(c)))
+
+
 # Safe prior until a GPU's curve is identified: power climbs to the 700 W cap within a few
 # requests (the matmul trace's behaviour), so unknown workloads are assumed hot.
 CONSERVATIVE_CURVE = PowerCurve(idle_w=100.0, span_w=600.0, sat_concurrency=4.0)
@@ -94,6 +144,7 @@ class OnlinePowerModel:
         self._var_w2 = np.full(n_gpus, 400.0)
         self.samples = np.zeros(n_gpus)
         self.seen_max_concurrency = np.zeros(n_gpus)
+        self._decision_curve: tuple[Any, ...] | None = None
 
     def update(self, concurrency: FloatArray, power_w: FloatArray, valid: NDArray[np.bool_]) -> None:
         """Add one observation per GPU (GPUs with ``valid`` False are skipped).
@@ -105,6 +156,7 @@ class OnlinePowerModel:
         """
         if not np.any(valid):
             return
+        self._decision_curve = None
         lam = self.forgetting
         c = np.maximum(concurrency, 0.0)
         phi = np.stack(
@@ -157,23 +209,25 @@ class OnlinePowerModel:
             Conservative power, same shape, in [idle, power max].
         """
         c = np.asarray(concurrency, dtype=float)
-        extra_dims = c.ndim - 1
-        best = np.argmin(self._err2, axis=1)
-        th = self._theta[np.arange(self.n_gpus), best]
-        sat = SAT_GRID[best]
-
-        def col(a: NDArray[Any]) -> NDArray[Any]:
-            return a.reshape(a.shape + (1,) * extra_dims)
-
-        seen = col(self.seen_max_concurrency)
-        fit = col(th[:, 0]) + col(th[:, 1]) * (1.0 - np.exp(-c / col(sat))) + 0.5 * col(np.sqrt(self._var_w2))
+        if self._decision_curve is None:
+            best = np.argmin(self._err2, axis=1)
+            th = self._theta[np.arange(self.n_gpus), best]
+            self._decision_curve = (
+                th[:, 0] + th[:, 1] + 0.5 * np.sqrt(self._var_w2),
+                th[:, 1],
+                -1.0 / SAT_GRID[best],
+                self.seen_max_concurrency * self.explore_factor + self.explore_step,
+                bool(np.all(self.samples >= self.min_samples)),
+                self.samples >= self.min_samples,
+            )
+        top, span, neg_inv_sat, explored_to, all_trusted, trusted = self._decision_curve
+        shape = (self.n_gpus,) + (1,) * (c.ndim - 1)
+        fit = top.reshape(shape) - span.reshape(shape) * np.exp(c * neg_inv_sat.reshape(shape))
         # Beyond the explored range (with a geometric step) nothing is known: assume max power.
-        explored = c <= seen * self.explore_factor + self.explore_step
-        fit = np.where(explored, fit, self.power_max_w)
-        trusted = col(self.samples >= self.min_samples)
-        prior = CONSERVATIVE_CURVE.power_w(c)
-        out = np.where(trusted, fit, np.maximum(fit, prior))
-        return np.clip(out, 0.0, self.power_max_w)
+        fit = np.where(c <= explored_to.reshape(shape), fit, self.power_max_w)
+        if not all_trusted:
+            fit = np.where(trusted.reshape(shape), fit, np.maximum(fit, CONSERVATIVE_CURVE.power_w(c)))
+        return np.clip(fit, 0.0, self.power_max_w)
 
     def max_concurrency(self, power_allowed_w: FloatArray, lo: int, hi: int) -> IntArray:
         """Largest integer concurrency in [lo, hi] whose conservative power fits (else lo).

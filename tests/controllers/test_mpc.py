@@ -145,8 +145,8 @@ def test_coolant_flow_constraint_binds() -> None:
         gpus = tuple(GpuObs(die, die, p, c) for _ in range(8))
         d = mpc.step(Observation(t, gpus, CoolantObs(20.0, flow)))
     assert d.binding == "coolant_flow"
-    p = mpc.power_model.conservative_power_w(np.array(d.caps, float))
-    assert float(np.sum(p)) <= lim.coolant_heat_max_w(flow) + 1e-6
+    p_caps = mpc.power_model.conservative_power_w(np.array(d.caps, float))
+    assert float(np.sum(p_caps)) <= lim.coolant_heat_max_w(flow) + 1e-6
 
 
 def test_node_budget_is_packed_when_power_is_concave() -> None:
@@ -155,14 +155,16 @@ def test_node_budget_is_packed_when_power_is_concave() -> None:
     mpc = MpcController(lim, 8)
     curve = PowerCurve(120.0, 580.0, 48.0)
     t = 0.0
+    caps = [256] * 8  # in flight follows the caps (the gate admits up to the cap)
     for k in range(120):
         t += 1.0
-        c = float(min(4 * k, 256))
-        p = float(curve.power_w(c))
-        gpus = tuple(GpuObs(40.0, 40.0, p, c) for _ in range(8))
+        conc = [float(min(4 * k, cap)) for cap in caps]
+        gpus = tuple(GpuObs(40.0, 40.0, float(curve.power_w(c)), c) for c in conc)
         d = mpc.step(Observation(t, gpus, CoolantObs(30.0, 12.0)))
+        caps = list(d.caps)
     assert d.binding == "power"
     p_caps = mpc.power_model.conservative_power_w(np.array(d.caps, float))
     assert float(np.sum(p_caps)) <= 4200.0
     # An equal split of the same budget would give each GPU well under 100.
     assert max(d.caps) == lim.max_cap and sum(d.caps) > 8 * 100
+
