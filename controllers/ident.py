@@ -10,7 +10,8 @@ unseen disturbances (a wrong supply reading, heat from neighbours). Both are tra
 recursive least squares with random-walk (Kalman) forgetting: unlike exponential
 forgetting the covariance stays bounded without excitation, and the offset keeps
 tracking, which makes the predictor offset-free (no drift). ``gain`` is clipped to
-[gain_min, gain_max].
+[gain_min, gain_max], and the offset moved so that the estimate at the current regressor
+is kept (a projection; clipping the gain alone corrupts the estimate).
 """
 
 from __future__ import annotations
@@ -78,8 +79,15 @@ class GainOffsetTracker:
         s = np.einsum("gi,gi->g", phi, p_phi) + self._noise_var
         k = p_phi / s[:, None]
         v = valid[:, None]
-        self.gain = np.clip(self.gain + np.where(valid, k[:, 0] * err, 0.0), self.gain_min, self.gain_max)
-        self.offset_k = self.offset_k + np.where(valid, k[:, 1] * err, 0.0)
+        gain = self.gain + np.where(valid, k[:, 0] * err, 0.0)
+        offset = self.offset_k + np.where(valid, k[:, 1] * err, 0.0)
+        # Clipping the gain alone would leave the offset fitted to the unclipped gain: with
+        # a model much faster than the plant (HBM τ 1 s vs 20 s) the unclipped gain runs
+        # negative, the offset climbs tens of K, and the clipped estimate predicted an HBM
+        # far hotter than measured. Project instead: keep the estimate at this regressor.
+        clipped = np.clip(gain, self.gain_min, self.gain_max)
+        self.offset_k = offset + (gain - clipped) * rise_model_k
+        self.gain = clipped
         upd = cov - np.einsum("gi,gj->gij", k, p_phi)
         self._cov = np.where(v[..., None], upd, cov)
 

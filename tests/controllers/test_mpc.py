@@ -168,3 +168,44 @@ def test_node_budget_is_packed_when_power_is_concave() -> None:
     # An equal split of the same budget would give each GPU well under 100.
     assert max(d.caps) == lim.max_cap and sum(d.caps) > 8 * 100
 
+
+def test_slow_hbm_does_not_bind_far_from_its_limit() -> None:
+    """HBM much slower than the model (τ 20 s vs 1 s, like sensors/sim.py): no mem_temp cut.
+
+    Regression: the gain tracker clipped the gain at gain_min but kept the offset fitted to
+    the unclipped (negative) gain, so the HBM estimate ran ~40 K above the reading and the
+    MPC cut a cold node with binding = mem_temp.
+    """
+    from dataclasses import replace
+
+    lim = Limits()
+    truth = replace(DEFAULT_PARAMS, r_mem_k_per_w=0.035, tau_mem_s=20.0, mem_offset_c=3.0)
+    cfg = PlantConfig(n_gpus=8, thermal=truth, power=PowerCurve(70.0, 630.0, 24.0))
+    plant = Plant(cfg, 32.0, seed=1)
+    mpc = MpcController(lim, 8)
+    safety = SafetyLayer(lim)
+    caps = np.full(8, float(lim.safe_cap))
+    for k in range(60):
+        obs = plant.observe(0.5 * k)
+        d = safety.apply(obs, mpc.step(obs))
+        hbm_max = max(g.mem_temp_c or 0.0 for g in obs.gpus)
+        assert hbm_max < 70.0
+        assert d.binding != "mem_temp", (k, d, mpc.mem.offset_k)
+        # The HBM estimate stays near the reading (it was 40 K off).
+        mem_rise = mpc.mem.estimate_k(mpc._x[:, 2])
+        meas_rise = np.array([g.mem_temp_c or 0.0 for g in obs.gpus]) - 32.0 - mpc.model.mem_offset_c
+        assert np.all(np.abs(mem_rise - meas_rise) < 6.0)
+        caps = np.array(d.caps, dtype=float)
+        plant.advance(0.5, caps, np.full(8, 256.0), 32.0, 12.0)
+    assert d.total == 8 * lim.max_cap
+
+
+def test_gain_clip_keeps_the_estimate() -> None:
+    from controllers.ident import GainOffsetTracker
+
+    tr = GainOffsetTracker(1)
+    r = np.array([20.0])
+    for _ in range(30):
+        tr.update(r, np.array([2.0]), np.array([True]), 1.0)  # wants gain ≈ 0.1 < gain_min
+    assert tr.gain[0] == tr.gain_min
+    assert abs(float(tr.estimate_k(r)[0]) - 2.0) < 1.0
