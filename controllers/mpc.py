@@ -9,13 +9,15 @@ Each step, per GPU:
    (default 30 s, two slow time constants) plus the steady state, anchored on the
    current estimate (offset-free) and with the gain's upper confidence bound for rises
    (lower bound for falls), and with the supply temperature's rising trend extrapolated;
-3. choose the cap sequence: caps are held over the horizon (move blocking). The plant is
-   a positive system (temperature monotone in power, power monotone in concurrency), so
-   every constraint row is monotone in the held power and the largest feasible power
-   has a closed form, min over rows of (limit − free response)/step gain. That is the
-   exact optimum of "maximise served concurrency subject to every row";
+3. choose the cap sequence: a first block (``boost_block_s``) then a cap held over the
+   horizon. Requests in flight are never killed (the gate only stops admitting), so each
+   step's power is max(cap power, power of the concurrency still draining, first order with
+   the configured request duration). The plant is a positive system, so every row is
+   monotone in the held power: the tail's largest feasible power is exact by segments
+   (rows are linear in it between drain breakpoints); the first block's cap is bisected
+   with the requests it admits draining after it;
 4. node constraints (power budget less 3σ of the node's summed power noise, heat the
-   measured flow carries at design ΔT) are shared either by water-filling a common
+   measured flow carries at design ΔT; draining power counts as committed) are shared either by water-filling a common
    per-GPU power ceiling or by filling GPUs one after another (the rest at ``min_cap``),
    whichever gives the larger summed cap: with a concave power curve the packed split
    serves far more concurrency per watt;
