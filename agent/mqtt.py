@@ -117,6 +117,7 @@ def aiomqtt_factory(cfg: MqttConfig, client_id: str) -> ClientFactory:
             # delayed ACK (the leak-to-cap path; BENCHMARKS.md "Agent overhead").
             socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
         )
+        client.pending_calls_threshold = 2 * PUBLISH_WINDOW  # a full publish window is no warning
         return client
 
     return make
