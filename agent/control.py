@@ -65,6 +65,12 @@ class ControlLoop:
         self.timings: deque[StepTiming] = deque(maxlen=10_000)
         self.last_step_mono: float | None = None
 
+    def set_limits(self, limits: Limits) -> None:
+        """Apply new limits from a reloaded config; the learned models are kept."""
+        self.limits = limits
+        self.mpc.limits = limits
+        self.safety.limits = limits
+
     def step(self, obs: Observation) -> Decision:
         """A full control step: identify, optimise (unless paused), then safety."""
         t0 = time.perf_counter()

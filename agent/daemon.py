@@ -676,9 +676,7 @@ class Agent:
                 )
                 return
             old = self.cfg
-            set_limits = getattr(self.control, "set_limits", None)  # limits apply live once supported
-            extra = () if set_limits else ("control",)
-            new, kept = split_reload(old, new, RESTART_KEYS + extra)
+            new, kept = split_reload(old, new, RESTART_KEYS)
             if new.log != old.log:
                 logmod.configure(new.log.level, new.log.format)
             if self.poller is not None:
@@ -688,8 +686,8 @@ class Agent:
                 self.poller.retry_min_s, self.poller.retry_max_s = s.lost_retry_min_s, s.lost_retry_max_s
             self.link.outbox.max_messages = new.outbox.max_messages
             self.link.replay.rate_per_s = new.outbox.replay_rate_msgs_s
-            if set_limits and new.control != old.control:
-                set_limits(limits_from(new.control, new.coolant, self.infos))
+            if self.control is not None and new.control != old.control:
+                self.control.set_limits(limits_from(new.control, new.coolant, self.infos))
             self.cfg = new
             self.log.info("reloaded", needs_restart=kept or None)
         finally:

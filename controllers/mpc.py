@@ -272,7 +272,7 @@ class MpcController:
         unconstrained = p_allow >= p_max
         p_rise = np.where(unconstrained, p_allow, p_allow - s.rise_hysteresis_w)
         caps = self.power_model.max_concurrency(p_rise, lim.min_cap, lim.max_cap)
-        prev = self._caps
+        prev = np.clip(self._caps, lim.min_cap, lim.max_cap)  # limits may change on reload
         prev_fits = self.power_model.conservative_power_w(prev.astype(float)) <= p_allow
         caps_fit = self.power_model.max_concurrency(p_allow, lim.min_cap, lim.max_cap)
         small_rise = (caps > prev) & (caps - prev < s.raise_deadband) & (caps < lim.max_cap)

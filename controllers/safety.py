@@ -80,7 +80,7 @@ class SafetyLayer:
         """
         lim = self.limits
         n = len(obs.gpus)
-        caps = [max(int(c), 0) for c in proposed.caps[:n]]
+        caps = [min(max(int(c), 0), lim.max_cap) for c in proposed.caps[:n]]  # never above max_cap
         caps += [lim.safe_cap] * (n - len(caps))
         reason: Reason = proposed.reason
         binding: Binding = proposed.binding

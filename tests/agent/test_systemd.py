@@ -240,3 +240,43 @@ def test_unit_passes_systemd_analyze() -> None:
         "ExecStopPost=-",
     ):
         assert line in unit
+
+
+async def test_reload_applies_control_limits_live() -> None:
+    """A SIGHUP that lowers control.max_cap takes effect without a restart, models kept."""
+    from agent.localbus import LocalBroker
+    from sensors.sim import SimBackend
+
+    base = {
+        "node": {"name": "reload"},
+        "sensors": {"backend": "sim", "poll_period_s": 0.05, "slow_period_s": 0.1},
+        "telemetry": {"publish_period_s": 0.2},
+        "control": {"period_s": 0.1, "cap_rise_per_s": 1000.0},
+        "http": {"port": 0},
+        "sim": {"gpus": 2},
+    }
+    new_cfg = configmod.validate({**base, "control": {**base["control"], "max_cap": 16}})  # type: ignore[dict-item]
+    agent = Agent(
+        configmod.validate(base),
+        SimBackend(2),
+        client_factory=LocalBroker().client,
+        reload_config=lambda: new_cfg,
+    )
+    task = asyncio.create_task(agent.run())
+    try:
+        for _ in range(200):
+            if agent.cap_msg is not None and max(agent.cap_msg.caps) > 16:
+                break
+            await asyncio.sleep(0.02)
+        assert agent.cap_msg is not None and max(agent.cap_msg.caps) > 16
+        mpc_before = agent.control.mpc if agent.control else None
+        agent.reload()
+        for _ in range(100):
+            if agent.cap_msg.max_cap == 16 and max(agent.cap_msg.caps) <= 16:
+                break
+            await asyncio.sleep(0.02)
+        assert agent.cap_msg.max_cap == 16 and max(agent.cap_msg.caps) <= 16
+        assert agent.control is not None and agent.control.mpc is mpc_before
+    finally:
+        agent.request_stop("test")
+        assert await asyncio.wait_for(task, 10) == 0

@@ -209,3 +209,19 @@ def test_gain_clip_keeps_the_estimate() -> None:
         tr.update(r, np.array([2.0]), np.array([True]), 1.0)  # wants gain ≈ 0.1 < gain_min
     assert tr.gain[0] == tr.gain_min
     assert abs(float(tr.estimate_k(r)[0]) - 2.0) < 1.0
+
+
+def test_mpc_respects_a_lowered_max_cap() -> None:
+    """A config reload may lower max_cap: the held caps must follow at once."""
+    from controllers.api import CoolantObs, GpuObs, Limits, Observation
+    from controllers.mpc import MpcController
+
+    mpc = MpcController(Limits(), 2)
+    caps = (1, 1)
+    for k in range(60):
+        gpus = tuple(GpuObs(45.0, 45.0, 150.0 + c, float(c)) for c in caps)
+        caps = mpc.step(Observation(float(k), gpus, CoolantObs(30.0, 12.0))).caps
+    assert max(caps) > 16
+    mpc.limits = Limits(max_cap=16)
+    gpus = tuple(GpuObs(45.0, 45.0, 300.0, float(c)) for c in caps)
+    assert max(mpc.step(Observation(60.0, gpus, CoolantObs(30.0, 12.0))).caps) <= 16

@@ -164,3 +164,11 @@ def test_no_proposal_exceeds_what_safety_allows(
         assert d.reason == "leak"
     elif why in ("thermal", "gpu_lost", "stale"):
         assert d.reason == why
+
+
+def test_nothing_leaves_above_max_cap_even_after_limits_change() -> None:
+    layer = SafetyLayer(LIM)
+    t = warmed(layer, (256, 256))
+    assert layer.apply(obs(t), Decision((256, 256), "mpc", "none")).caps == (256, 256)
+    layer.limits = Limits(max_cap=16)
+    assert layer.apply(obs(t + 1), Decision((999, 256), "mpc", "none")).caps == (16, 16)
