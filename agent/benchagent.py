@@ -681,9 +681,9 @@ def run_agent_bench(opts: AgentBenchOptions) -> dict[str, Any]:
 @dataclass
 class FleetOptions:
     nodes: int = 200
-    procs: int = 2
+    procs: int = 4
     seconds: float = 30.0
-    warmup_s: float = 5.0
+    warmup_s: float = 10.0
     gpus: int = 8
     poll_period_s: float = 1.0
     broker: tuple[str, int] | None = None
@@ -882,9 +882,9 @@ def register(bsub: Any) -> None:
 
     f = bsub.add_parser("fleet", help="many simulated nodes against one broker: the broker's load per node")
     f.add_argument("--nodes", type=int, default=200, help="simulated nodes (default 200)")
-    f.add_argument("--procs", type=int, default=2, help="worker processes hosting them (default 2)")
+    f.add_argument("--procs", type=int, default=4, help="worker processes hosting them (default 4)")
     f.add_argument("--seconds", type=float, default=30.0, help="measured window (default 30)")
-    f.add_argument("--warmup-s", type=float, default=5.0, help="after every node is online (default 5)")
+    f.add_argument("--warmup-s", type=float, default=10.0, help="after every node is online (default 10)")
     f.add_argument("--gpus", type=int, default=8, help="simulated GPUs per node (default 8)")
     f.add_argument(
         "--poll-period-s",
