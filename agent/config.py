@@ -201,9 +201,15 @@ class ControlConfig(_Section):
 
     period_s: float = Field(default=1.0, ge=0.05, le=60)
     cap_ttl_s: float = Field(default=10.0, ge=1, le=3600, description="MQTT 5 expiry of the cap message")
-    cap_refresh_s: float = Field(default=3.0, ge=0.1, le=3600, description="republish an unchanged cap this often")
-    gpu_temp_max_c: float | None = Field(default=None, ge=30, le=120, description="default: the GPU's 'GPU max'")
-    mem_temp_max_c: float | None = Field(default=None, ge=30, le=120, description="default: the GPU's 'memory max'")
+    cap_refresh_s: float = Field(
+        default=3.0, ge=0.1, le=3600, description="republish an unchanged cap this often"
+    )
+    gpu_temp_max_c: float | None = Field(
+        default=None, ge=30, le=120, description="default: the GPU's 'GPU max'"
+    )
+    mem_temp_max_c: float | None = Field(
+        default=None, ge=30, le=120, description="default: the GPU's 'memory max'"
+    )
     slowdown_c: float | None = Field(default=None, ge=30, le=120, description="default: the GPU's slowdown")
     margin_c: float = Field(default=3.0, ge=0, le=30)
     node_power_budget_w: float | None = Field(default=None, gt=0)
@@ -234,9 +240,12 @@ class CoolantConfig(_Section):
     cp_j_per_kg_k: float = Field(default=4186.0, gt=0, le=10_000, description="coolant specific heat (water)")
     density_kg_per_l: float = Field(default=0.997, gt=0, le=5, description="coolant density (water)")
     design_delta_t_c: float = Field(default=10.0, gt=0, le=50, description="design supply→return rise")
-    max_future_s: float = Field(default=5.0, ge=0, le=3600, description="clock skew allowed in payload timestamps")
+    max_future_s: float = Field(
+        default=5.0, ge=0, le=3600, description="clock skew allowed in payload timestamps"
+    )
     leak_clear: Literal["ack", "auto"] = Field(
-        default="ack", description="ack: a leak stays latched until the detector reads OK and an operator acks"
+        default="ack",
+        description="ack: a leak stays latched until the detector reads OK and an operator acks",
     )
 
     @model_validator(mode="after")

@@ -101,7 +101,9 @@ class CoolantSensorTelemetry(_Msg):
     age_s: float | None = Field(description="age of the latest valid reading; null if none yet")
     t_s: float | None = Field(description="sample time of the latest valid reading")
     values: dict[str, float] = Field(description="latest valid values, canonical unit-suffixed names")
-    leak: Literal["ok", "warning", "critical"] | None = Field(None, description="detector reading (leak only)")
+    leak: Literal["ok", "warning", "critical"] | None = Field(
+        None, description="detector reading (leak only)"
+    )
     leak_latched: Literal["ok", "warning", "critical"] | None = Field(None, description="latch (leak only)")
     rejected: int = Field(description="payloads rejected since start")
 
@@ -128,8 +130,12 @@ class CoolantTelemetry(_Msg):
 class EnergyTelemetry(_Msg):
     """Energy per token over the publish window (GPU energy counter deltas / gate-reported tokens)."""
 
-    gpu_energy_j: float | None = Field(description="GPU energy in the window; null if no GPU had two readings")
-    gpus_counted: int = Field(description="GPUs whose energy counter contributed (lost/unread ones are skipped)")
+    gpu_energy_j: float | None = Field(
+        description="GPU energy in the window; null if no GPU had two readings"
+    )
+    gpus_counted: int = Field(
+        description="GPUs whose energy counter contributed (lost/unread ones are skipped)"
+    )
     tokens: int = Field(description="tokens the gates reported completed in the window")
     requests: int = Field(description="requests the gates reported completed in the window")
     energy_per_token_j: float | None = Field(description="gpu_energy_j / tokens; null without tokens")

@@ -42,10 +42,15 @@ class Metrics:
             "rackguard_telemetry_windows", "Telemetry windows queued", registry=r
         )
         # Actuation: the published cap, operator commands, gates, energy per token, power limits.
-        self.cap = Gauge("rackguard_cap", "Published concurrency cap (requests in flight)", ["gpu"], registry=r)
+        self.cap = Gauge(
+            "rackguard_cap", "Published concurrency cap (requests in flight)", ["gpu"], registry=r
+        )
         self.cap_total = Gauge("rackguard_cap_total", "Sum of the published per-GPU caps", registry=r)
         self.cap_reason = Gauge(
-            "rackguard_cap_reason", "1 for the reason of the published cap, 0 otherwise", ["reason"], registry=r
+            "rackguard_cap_reason",
+            "1 for the reason of the published cap, 0 otherwise",
+            ["reason"],
+            registry=r,
         )
         self.mpc_paused = Gauge("rackguard_mpc_paused", "1 while an operator paused the MPC", registry=r)
         self.manual_ceiling = Gauge(

@@ -66,7 +66,9 @@ class _SimGpu:
         self.cap: float = math.inf
         self.power_w = params.p_idle_w
         self.energy_j = 0.0
-        self.die_c = coolant_c + params.p_idle_w * (params.r_die_plate_k_per_w + params.r_plate_coolant_k_per_w)
+        self.die_c = coolant_c + params.p_idle_w * (
+            params.r_die_plate_k_per_w + params.r_plate_coolant_k_per_w
+        )
         self.plate_c = coolant_c + params.p_idle_w * params.r_plate_coolant_k_per_w
         self.mem_c = coolant_c + params.mem_offset_c + params.p_idle_w * params.r_mem_k_per_w
         self.lost: str | None = None
