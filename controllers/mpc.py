@@ -79,6 +79,11 @@ class _Predictor:
     gain_const: FloatArray  # (N+1, 3): response to unit power held from step 0; last row steady
     h_die: FloatArray  # (N, N): die response at row k to unit power during step j (k ≥ j)
     h_mem: FloatArray  # (N, N): the same for HBM
+    h_both: FloatArray  # (2, N, N): h_die and h_mem stacked
+    h_t: FloatArray  # (N, 2N): [h_die.T | h_mem.T], one matmul for both rows
+    steady: FloatArray  # (2,): steady rise per watt, die and HBM
+    tail_pos: NDArray[np.bool_]  # (2, N, N+1): tail_g > 0 (see _largest_held)
+    tail_g: FloatArray  # (2, N, N+1): Σ_{j≥J} h[k, j], 1.0 where not positive
 
 
 class MpcController:
@@ -137,11 +142,22 @@ class MpcController:
             imp = np.diff(gain, axis=0, prepend=np.zeros((1, N_STATES)))  # A^m·B
             lag = np.arange(n)[:, None] - np.arange(n)[None, :]
             h = np.where((lag >= 0)[..., None], imp[np.maximum(lag, 0)], 0.0)  # (N, N, 3)
+            h_die = np.ascontiguousarray(h[:, :, 0])
+            h_mem = np.ascontiguousarray(h[:, :, 2])
+            h_both = np.stack([h_die, h_mem])
+            g = np.zeros((2, n, n + 1))
+            g[:, :, :-1] = np.cumsum(h_both[:, :, ::-1], axis=2)[:, :, ::-1]
+            pos = g > 1e-12
             pred = _Predictor(
                 a_pow,
                 np.vstack([gain, steady]),
-                np.ascontiguousarray(h[:, :, 0]),
-                np.ascontiguousarray(h[:, :, 2]),
+                h_die,
+                h_mem,
+                h_both,
+                np.ascontiguousarray(np.hstack([h_die.T, h_mem.T])),
+                np.array([steady[0], steady[2]]),
+                pos,
+                np.where(pos, g, 1.0),
             )
             if len(self._predictors) > 512:
                 self._predictors.clear()
@@ -234,17 +250,15 @@ class MpcController:
         # power of step j is max(held power, power of the drained concurrency), pd (n, N).
         pd = self._drained_power_w(conc, s.horizon_steps)
         # The largest power held over the whole horizon and beyond (drain included).
-        p_die = self._largest_held(room_die, pred.h_die, pred.gain_const[-1, 0], pd)
-        p_mem = np.where(
-            self._mem_seen, self._largest_held(room_mem, pred.h_mem, pred.gain_const[-1, 2], pd), np.inf
-        )
+        held = self._largest_held(np.stack([room_die, room_mem]), pred, pd)
+        p_die = held[0]
+        p_mem = np.where(self._mem_seen, held[1], np.inf)
         p_tail = np.clip(np.minimum(p_die, p_mem), 0.0, p_max)
         # First block: a higher cap for boost_block_s, then the tail cap, with the requests
         # admitted in the block draining after it (found by bisection over integer caps).
         cap_a, p_die, p_mem = self._first_block(room_die, room_mem, pred, pd, p_tail)
-        p_allow = np.clip(
-            np.maximum(self.power_model.conservative_power_w(cap_a.astype(float)), p_tail), 0.0, p_max
-        )
+        pm = self.power_model
+        p_allow = np.clip(np.maximum(pm.power_at_caps_w(cap_a, lim.max_cap), p_tail), 0.0, p_max)
         binding_gpu: list[Binding] = [
             "gpu_temp" if d <= m else "mem_temp" for d, m in zip(p_die, p_mem, strict=True)
         ]
@@ -271,24 +285,20 @@ class MpcController:
         # cap no longer fits.
         unconstrained = p_allow >= p_max
         p_rise = np.where(unconstrained, p_allow, p_allow - s.rise_hysteresis_w)
-        caps = self.power_model.max_concurrency(p_rise, lim.min_cap, lim.max_cap)
+        caps_rise = pm.max_concurrency(p_rise, lim.min_cap, lim.max_cap)
         prev = np.clip(self._caps, lim.min_cap, lim.max_cap)  # limits may change on reload
-        prev_fits = self.power_model.conservative_power_w(prev.astype(float)) <= p_allow
-        caps_fit = self.power_model.max_concurrency(p_allow, lim.min_cap, lim.max_cap)
+        prev_fits = pm.power_at_caps_w(prev, lim.max_cap) <= p_allow
+        caps_fit = pm.max_concurrency(p_allow, lim.min_cap, lim.max_cap)
+        caps = caps_rise
         small_rise = (caps > prev) & (caps - prev < s.raise_deadband) & (caps < lim.max_cap)
         # On a fall, drop to what fits with the same spare, so that the next falls are fewer.
-        caps_fall = np.maximum(
-            self.power_model.max_concurrency(p_rise, lim.min_cap, lim.max_cap), lim.min_cap
-        )
-        caps_fall = np.where(
-            self.power_model.conservative_power_w(caps_fit.astype(float)) <= p_rise, caps_fit, caps_fall
-        )
+        caps_fall = np.where(pm.power_at_caps_w(caps_fit, lim.max_cap) <= p_rise, caps_fit, caps_rise)
         caps = np.where(prev_fits, np.where((caps > prev) & ~small_rise, caps, prev), caps_fall)
         caps = np.where(lost, lim.min_cap, caps)
         self._caps = caps
 
         # Prediction at the chosen caps (for reporting), die only, drain included.
-        p_caps = self.power_model.conservative_power_w(caps.astype(float))
+        p_caps = pm.power_at_caps_w(caps, lim.max_cap)
         r_now = self._x[:, 0]
         u = np.maximum(p_caps[:, None], pd)
         forced = np.concatenate([u @ pred.h_die.T, pred.gain_const[-1, 0] * p_caps[:, None]], axis=1)
@@ -335,7 +345,9 @@ class MpcController:
         After the block, the concurrency admitted in it drains as requests complete (first
         order, the request duration at that concurrency), never below the tail's cap; the
         power of each step is also at least ``pd`` (what is in flight now). Rows are
-        monotone in the block's cap, so bisection over integers finds the largest.
+        monotone in the block's cap, so the caps that fit are a prefix of [min_cap, max_cap]:
+        a search evaluating K ≈ √(max_cap − min_cap) candidates per GPU in one vectorised
+        call narrows it to one cap in two rounds.
 
         Returns:
             (cap per GPU, die and HBM slack of the binding row at that cap, W-equivalent
@@ -347,67 +359,72 @@ class MpcController:
         k_a = max(1, min(n_steps - 1, round(s.boost_block_s / s.step_s)))
         t_after = s.step_s * (np.arange(n_steps) - k_a + 0.5)
         in_block = t_after < 0
-        c_tail = self.power_model.max_concurrency(p_tail, 0, lim.max_cap).astype(float)
+        neg_t_after = -np.maximum(t_after, 0.0)
+        c_tail = self.power_model.max_concurrency(p_tail, 0, lim.max_cap).astype(float)[:, None, None]
         mem_on = self._mem_seen[:, None]
+        rooms = np.concatenate([room_die[:, None, :-1], room_mem[:, None, :-1]], axis=2)  # (n, 1, 2N)
+        pd3 = pd[:, None, :]
 
         def slack(cap: FloatArray) -> tuple[FloatArray, FloatArray]:
-            tau_s = s.requests.duration_s(cap)[:, None]
-            after = np.maximum(
-                cap[:, None] * np.exp(-np.maximum(t_after, 0.0)[None, :] / tau_s), c_tail[:, None]
-            )
-            conc = np.where(in_block[None, :], cap[:, None], after)
-            u = np.maximum(self.power_model.conservative_power_w(conc), pd)
-            sd = np.min(room_die[:, :-1] - u @ pred.h_die.T, axis=1)
-            sm = np.where(mem_on[:, 0], np.min(room_mem[:, :-1] - u @ pred.h_mem.T, axis=1), np.inf)
+            # cap (n, K) → die and HBM slack (n, K).
+            tau_s = s.requests.duration_s(cap)[..., None]
+            c3 = cap[..., None]
+            after = np.maximum(c3 * np.exp(neg_t_after / tau_s), c_tail)
+            u = np.maximum(self.power_model.conservative_power_w(np.where(in_block, c3, after)), pd3)
+            rows = rooms - (u.reshape(-1, n_steps) @ pred.h_t).reshape((*cap.shape, 2 * n_steps))
+            sd = np.min(rows[..., :n_steps], axis=2)
+            sm = np.where(mem_on, np.min(rows[..., n_steps:], axis=2), np.inf)
             return sd, sm
 
         low = np.full(self.n_gpus, lim.min_cap, dtype=np.int64)
         high = np.full(self.n_gpus, lim.max_cap, dtype=np.int64)
-        for _ in range(max(1, math.ceil(math.log2(lim.max_cap - lim.min_cap + 1)) + 1)):
-            mid = (low + high + 1) // 2
-            sd, sm = slack(mid.astype(float))
-            ok = (sd >= 0) & (sm >= 0)
-            low = np.where(ok, mid, low)
-            high = np.where(ok, high, mid - 1)
-        sd, sm = slack(np.minimum(low + 1, lim.max_cap).astype(float))
-        return low, sd, sm
+        k = max(2, math.ceil(math.sqrt(lim.max_cap - lim.min_cap + 1)))
+        ks = np.arange(1, k + 1)
+        idx = np.arange(self.n_gpus)
+        while np.any(high > low):
+            step = np.maximum(-((low - high) // k), 1)  # ceil((high − low)/k)
+            cand = np.minimum(low[:, None] + step[:, None] * ks, high[:, None])  # (n, k) ascending
+            sd, sm = slack(cand.astype(float))
+            n_ok = np.count_nonzero((sd >= 0) & (sm >= 0), axis=1)
+            low = np.where(n_ok > 0, cand[idx, np.maximum(n_ok - 1, 0)], low)
+            high = np.where(n_ok < k, cand[idx, np.minimum(n_ok, k - 1)] - 1, high)
+        sd, sm = slack(np.minimum(low + 1, lim.max_cap).astype(float)[:, None])
+        return low, sd[:, 0], sm[:, 0]
 
     @staticmethod
-    def _largest_held(room: FloatArray, h: FloatArray, steady: float, pd: FloatArray) -> FloatArray:
+    def _largest_held(room: FloatArray, pred: _Predictor, pd: FloatArray) -> FloatArray:
         """Largest power p held over the horizon with every row's forced rise within its room.
 
         Step j's power is max(p, pd_j): requests in flight drain no faster than ``pd``. With
         pd non-increasing, the steps still above p are the first J, and each row is linear in
         p on every segment pd_J ≤ p < pd_(J−1); rows are monotone in p, so the answer is the
-        largest segment-wise bound that lies in its segment (exact, no iteration).
+        largest segment-wise bound that lies in its segment (exact, no iteration). Die and
+        HBM are done together.
 
         Args:
-            room: (n, N+1) largest forced rise per row; the last row is the steady state.
-            h: (N, N) response at row k to unit power during step j.
-            steady: Steady-state rise per watt (the drain is gone by then).
+            room: (2, n, N+1) largest forced rise per row, die and HBM; the last row is the
+                steady state.
+            pred: The predictor (h: response at row k to unit power during step j; steady:
+                steady-state rise per watt, the drain is gone by then).
             pd: (n, N) drained power per step, non-increasing.
 
         Returns:
-            (n,) the largest feasible held power (−inf if none, even at zero).
+            (2, n) the largest feasible held power (−inf if none, even at zero), die and HBM.
         """
-        n_steps = h.shape[0]
-        rows = room[:, :-1]
-        # D[g, k, J] = Σ_{j<J} h[k, j]·pd[g, j];  G[k, J] = Σ_{j≥J} h[k, j].
-        d = np.zeros((pd.shape[0], n_steps, n_steps + 1))
-        np.cumsum(h[None, :, :] * pd[:, None, :], axis=2, out=d[:, :, 1:])
-        g = np.zeros((n_steps, n_steps + 1))
-        g[:, :-1] = np.cumsum(h[:, ::-1], axis=1)[:, ::-1]
-        slack = rows[:, :, None] - d
-        pos = g[None, :, :] > 1e-12
-        bound = np.where(
-            pos, slack / np.where(pos, g[None, :, :], 1.0), np.where(slack >= 0, np.inf, -np.inf)
-        )
-        p_j = np.min(bound, axis=1)  # (n, N+1)
-        hi = np.concatenate([np.full((pd.shape[0], 1), np.inf), pd], axis=1)
-        lo = np.concatenate([pd, np.zeros((pd.shape[0], 1))], axis=1)
+        n_gpus, n_steps = pd.shape
+        rows = room[:, :, :-1]
+        # D[g, k, J] = Σ_{j<J} h[k, j]·pd[g, j];  G[k, J] = Σ_{j≥J} h[k, j] (cached in pred).
+        d = np.zeros((2, n_gpus, n_steps, n_steps + 1))
+        np.cumsum(pred.h_both[:, None, :, :] * pd[None, :, None, :], axis=3, out=d[..., 1:])
+        slack = rows[..., None] - d
+        pos = pred.tail_pos[:, None]
+        bound = np.where(pos, slack / pred.tail_g[:, None], np.where(slack >= 0, np.inf, -np.inf))
+        p_j = np.min(bound, axis=2)  # (2, n, N+1)
+        hi = np.concatenate([np.full((n_gpus, 1), np.inf), pd], axis=1)
+        lo = np.concatenate([pd, np.zeros((n_gpus, 1))], axis=1)
         cand = np.minimum(p_j, hi)
         cand = np.where(cand >= lo, cand, -np.inf)
-        return np.minimum(np.max(cand, axis=1), room[:, -1] / steady)
+        return np.minimum(np.max(cand, axis=2), room[:, :, -1] / pred.steady[:, None])
 
     def _share_node_power(
         self, p_allow: FloatArray, node_w: float, lost: NDArray[np.bool_], committed_w: FloatArray

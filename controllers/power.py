@@ -145,6 +145,9 @@ class OnlinePowerModel:
         self.samples = np.zeros(n_gpus)
         self.seen_max_concurrency = np.zeros(n_gpus)
         self._decision_curve: tuple[Any, ...] | None = None
+        self._grid_w: FloatArray | None = None  # conservative power at c = 0..m, see _grid
+        self._grid_hi = -1
+        self._rows = np.arange(n_gpus)
 
     def update(self, concurrency: FloatArray, power_w: FloatArray, valid: NDArray[np.bool_]) -> None:
         """Add one observation per GPU (GPUs with ``valid`` False are skipped).
@@ -157,6 +160,7 @@ class OnlinePowerModel:
         if not np.any(valid):
             return
         self._decision_curve = None
+        self._grid_w = None
         lam = self.forgetting
         c = np.maximum(concurrency, 0.0)
         phi = np.stack(
@@ -203,34 +207,82 @@ class OnlinePowerModel:
         """Power used for decisions at candidate concurrencies.
 
         Args:
-            concurrency: Shape (n_gpus,) or (n_gpus, m) candidate concurrencies.
+            concurrency: Shape (n_gpus,) or (n_gpus, ...) candidate concurrencies (or a shape
+                that broadcasts against them, e.g. (1, m)).
 
         Returns:
-            Conservative power, same shape, in [idle, power max].
+            Conservative power, broadcast shape, in [idle, power max].
         """
         c = np.asarray(concurrency, dtype=float)
+        top, span, neg_inv_sat, explored_to, all_trusted, trusted = self._curve(c.ndim)
+        fit = top - span * np.exp(c * neg_inv_sat)
+        # Beyond the explored range (with a geometric step) nothing is known: assume max power.
+        fit = np.where(c <= explored_to, fit, self.power_max_w)
+        if not all_trusted:
+            fit = np.where(trusted, fit, np.maximum(fit, CONSERVATIVE_CURVE.power_w(c)))
+        return np.minimum(np.maximum(fit, 0.0), self.power_max_w)
+
+    def _curve(self, ndim: int) -> tuple[Any, ...]:
+        """The decision curve's per-GPU terms shaped (n_gpus, 1, ...) for ``ndim`` dimensions.
+
+        Cached until the next :meth:`update`.
+        """
         if self._decision_curve is None:
             best = np.argmin(self._err2, axis=1)
-            th = self._theta[np.arange(self.n_gpus), best]
+            th = self._theta[self._rows, best]
             self._decision_curve = (
-                th[:, 0] + th[:, 1] + 0.5 * np.sqrt(self._var_w2),
-                th[:, 1],
-                -1.0 / SAT_GRID[best],
-                self.seen_max_concurrency * self.explore_factor + self.explore_step,
+                (
+                    th[:, 0] + th[:, 1] + 0.5 * np.sqrt(self._var_w2),
+                    th[:, 1],
+                    -1.0 / SAT_GRID[best],
+                    self.seen_max_concurrency * self.explore_factor + self.explore_step,
+                ),
                 bool(np.all(self.samples >= self.min_samples)),
                 self.samples >= self.min_samples,
+                {},
             )
-        top, span, neg_inv_sat, explored_to, all_trusted, trusted = self._decision_curve
-        shape = (self.n_gpus,) + (1,) * (c.ndim - 1)
-        fit = top.reshape(shape) - span.reshape(shape) * np.exp(c * neg_inv_sat.reshape(shape))
-        # Beyond the explored range (with a geometric step) nothing is known: assume max power.
-        fit = np.where(c <= explored_to.reshape(shape), fit, self.power_max_w)
-        if not all_trusted:
-            fit = np.where(trusted.reshape(shape), fit, np.maximum(fit, CONSERVATIVE_CURVE.power_w(c)))
-        return np.clip(fit, 0.0, self.power_max_w)
+        terms, all_trusted, trusted, shaped = self._decision_curve
+        out = shaped.get(ndim)
+        if out is None:
+            shape = (self.n_gpus,) + (1,) * (ndim - 1)
+            top, span, neg_inv_sat, explored_to = (t.reshape(shape) for t in terms)
+            out = shaped[ndim] = (top, span, neg_inv_sat, explored_to, all_trusted, trusted.reshape(shape))
+        return out
+
+    def _grid(self, hi: int) -> FloatArray:
+        """Conservative power at every integer concurrency 0..m, (n_gpus, m + 1).
+
+        m = min(hi, the largest explored range): beyond every GPU's explored range the
+        conservative power is the maximum, so the grid stops there. Cached until the next
+        :meth:`update` (the curve changes with every observation).
+        """
+        if self._grid_w is None or self._grid_hi != hi:
+            explored_to = self._curve(1)[3]
+            m = max(0, min(hi, math.floor(float(np.max(explored_to)))))
+            self._grid_w = self.conservative_power_w(np.arange(m + 1, dtype=float)[None, :])
+            self._grid_hi = hi
+        return self._grid_w
+
+    def power_at_caps_w(self, caps: IntArray, hi: int) -> FloatArray:
+        """:meth:`conservative_power_w` at integer caps in [0, hi], from the cached grid.
+
+        Args:
+            caps: (n_gpus,) integer caps in [0, hi].
+            hi: The largest cap (the grid's extent; use the same for every call).
+
+        Returns:
+            Conservative power per GPU.
+        """
+        grid = self._grid(hi)
+        m = grid.shape[1] - 1
+        p = grid[self._rows, np.minimum(caps, m)]
+        return np.where(caps > m, self.power_max_w, p)
 
     def max_concurrency(self, power_allowed_w: FloatArray, lo: int, hi: int) -> IntArray:
         """Largest integer concurrency in [lo, hi] whose conservative power fits (else lo).
+
+        The conservative power is non-decreasing in concurrency, so the caps that fit are a
+        prefix of [lo, hi]: counting them on the cached grid is the answer.
 
         Args:
             power_allowed_w: Allowed power per GPU.
@@ -240,13 +292,10 @@ class OnlinePowerModel:
         Returns:
             Integer caps per GPU.
         """
-        low = np.full(self.n_gpus, lo, dtype=np.int64)
-        high = np.full(self.n_gpus, hi, dtype=np.int64)
-        ok_hi = self.conservative_power_w(high.astype(float)) <= power_allowed_w
-        # Invariant: answer in [low, high]; bisection over integers.
-        for _ in range(max(1, math.ceil(math.log2(hi - lo + 1)) + 1)):
-            mid = (low + high + 1) // 2
-            ok = self.conservative_power_w(mid.astype(float)) <= power_allowed_w
-            low = np.where(ok, mid, low)
-            high = np.where(ok, high, mid - 1)
-        return np.where(ok_hi, hi, low)
+        grid = self._grid(hi)
+        m = grid.shape[1] - 1
+        p = np.asarray(power_allowed_w, dtype=float)
+        n_fit = np.count_nonzero(grid[:, lo:] <= p[:, None], axis=1) if lo <= m else 0
+        # Above the grid every cap costs the maximum power.
+        n_fit = n_fit + (hi - max(m, lo - 1)) * (self.power_max_w <= p)
+        return np.where(n_fit > 0, lo + n_fit - 1, lo).astype(np.int64)
