@@ -22,8 +22,6 @@ from functools import lru_cache
 
 import numpy as np
 from numpy.typing import NDArray
-from scipy.linalg import expm
-from scipy.optimize import least_squares
 
 FloatArray = NDArray[np.float64]
 
@@ -148,6 +146,55 @@ def continuous_matrices(params: ThermalParams, flow_lpm: float | None) -> tuple[
     )
     b = np.array([1.0 / c_die, 0.0, params.r_mem_k_per_w / params.tau_mem_s])
     return a, b
+
+
+# Padé (13, 13) coefficients and the 1-norm up to which it is accurate to double precision
+# (Higham, "The scaling and squaring method for the matrix exponential revisited", 2005).
+_PADE13 = (
+    64764752532480000.0,
+    32382376266240000.0,
+    7771770303897600.0,
+    1187353796428800.0,
+    129060195264000.0,
+    10559470521600.0,
+    670442572800.0,
+    33522128640.0,
+    1323241920.0,
+    40840800.0,
+    960960.0,
+    16380.0,
+    182.0,
+    1.0,
+)
+_THETA13 = 5.371920351148152
+
+
+def expm(m: FloatArray) -> FloatArray:
+    """Matrix exponential by scaling and squaring with a (13, 13) Padé approximant.
+
+    Numpy only (the daemon does not load scipy); meant for the small ZOH matrices here.
+
+    Args:
+        m: Square matrix.
+
+    Returns:
+        exp(m).
+    """
+    m = np.asarray(m, dtype=float)
+    norm = float(np.max(np.sum(np.abs(m), axis=0))) if m.size else 0.0
+    squarings = max(0, math.ceil(math.log2(norm / _THETA13))) if norm > _THETA13 else 0
+    a = m / 2.0**squarings
+    b = _PADE13
+    ident = np.eye(m.shape[0])
+    a2 = a @ a
+    a4 = a2 @ a2
+    a6 = a4 @ a2
+    u = a @ (a6 @ (b[13] * a6 + b[11] * a4 + b[9] * a2) + b[7] * a6 + b[5] * a4 + b[3] * a2 + b[1] * ident)
+    v = a6 @ (b[12] * a6 + b[10] * a4 + b[8] * a2) + b[6] * a6 + b[4] * a4 + b[2] * a2 + b[0] * ident
+    e = np.linalg.solve(v - u, v + u)
+    for _ in range(squarings):
+        e = e @ e
+    return np.asarray(e)
 
 
 @lru_cache(maxsize=4096)
@@ -341,6 +388,8 @@ def fit_trace(trace: Trace, *, fixed_die: ThermalParams | None = None) -> FitRes
     Returns:
         The fit and its error figures.
     """
+    from scipy.optimize import least_squares  # offline only: the daemon never loads scipy
+
     t = trace.t_s - trace.t_s[0]
     p = trace.power_w
     y = trace.gpu_temp_c

@@ -123,3 +123,35 @@ def test_cli_fit_bad_input_exits_2(
     assert _cli(["model", "fit", str(path)]) == 2
     err = capsys.readouterr().err
     assert "rackguard model fit" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flow_lpm", [None, 0.3, 12.0, 40.0])
+@pytest.mark.parametrize("dt_s", [0.001, 0.1, 1.0, 7.3, 60.0])
+@pytest.mark.parametrize("scale", [0.5, 1.0, 1.35])
+def test_numpy_expm_matches_scipy(flow_lpm: float | None, dt_s: float, scale: float) -> None:
+    """The daemon's numpy expm gives scipy's discretisation (ZOH block matrix, 4×4)."""
+    scipy_linalg = pytest.importorskip("scipy.linalg")
+    from controllers.thermal import N_STATES, continuous_matrices, expm
+
+    params = DEFAULT_PARAMS.scaled(scale)
+    for tau_die_s in (params.tau_die_s, 2.0):
+        a, b = continuous_matrices(params.__class__(**{**params.as_dict(), "tau_die_s": tau_die_s}), flow_lpm)
+        m = np.zeros((N_STATES + 1, N_STATES + 1))
+        m[:N_STATES, :N_STATES] = a
+        m[:N_STATES, N_STATES] = b
+        ours, ref = expm(m * dt_s), scipy_linalg.expm(m * dt_s)
+        np.testing.assert_allclose(ours, ref, rtol=1e-10, atol=1e-10)
+        # 3×3 too, and a non-triangular, oscillatory one.
+        np.testing.assert_allclose(expm(a * dt_s), scipy_linalg.expm(a * dt_s), rtol=1e-10, atol=1e-10)
+    rot = np.array([[0.0, -3.0, 0.1], [3.0, 0.0, 0.0], [0.2, 0.0, -1.0]]) * dt_s
+    np.testing.assert_allclose(expm(rot), scipy_linalg.expm(rot), rtol=1e-10, atol=1e-10)
+
+
+def test_daemon_does_not_load_scipy() -> None:
+    """Importing the controllers the agent uses (and the agent) leaves scipy unloaded (RSS)."""
+    import subprocess
+    import sys
+
+    code = "import agent.daemon, controllers.mpc, controllers.harness, sys; print('scipy' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
