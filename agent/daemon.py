@@ -8,6 +8,7 @@ closes the window and queues one telemetry message for the node.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import contextlib
 import signal
 import time
@@ -688,6 +689,9 @@ class Agent:
             self.link.replay.rate_per_s = new.outbox.replay_rate_msgs_s
             if self.control is not None and new.control != old.control:
                 self.control.set_limits(limits_from(new.control, new.coolant, self.infos))
+                self.commands.actions = dataclasses.replace(
+                    self.commands.actions, max_cap=new.control.max_cap
+                )
             self.cfg = new
             self.log.info("reloaded", needs_restart=kept or None)
         finally:

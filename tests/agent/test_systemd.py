@@ -277,6 +277,7 @@ async def test_reload_applies_control_limits_live() -> None:
             await asyncio.sleep(0.02)
         assert agent.cap_msg.max_cap == 16 and max(agent.cap_msg.caps) <= 16
         assert agent.control is not None and agent.control.mpc is mpc_before
+        assert agent.commands.actions.max_cap == 16  # operator ceilings are bounded by the new max
     finally:
         agent.request_stop("test")
         assert await asyncio.wait_for(task, 10) == 0
