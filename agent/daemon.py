@@ -8,8 +8,8 @@ closes the window and queues one telemetry message for the node.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import contextlib
+import dataclasses
 import signal
 import time
 from collections import deque
