@@ -29,9 +29,7 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,6 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.mosquitto import Mosquitto, free_port
+
 EX_SOFTWARE = 70
 FLEET_EXTRAPOLATE_NODES = 10_000
 LEAK_TIMEOUT_S = 2.0  # a leak that yields no cap within this counts as missed
@@ -51,13 +51,6 @@ RECOVER_TIMEOUT_S = 5.0
 
 
 # -- helpers -------------------------------------------------------------------------------
-def free_port() -> int:
-    """A free TCP port on loopback."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def percentile_ms(values: list[float], q: float) -> float | None:
     """The ``q``-th percentile of seconds, in ms (None when empty)."""
     if not values:
@@ -75,64 +68,13 @@ def parse_hostport(s: str) -> tuple[str, int]:
     return host, int(port)
 
 
-@dataclass
-class Mosquitto:
-    """A mosquitto on 127.0.0.1:port; ``stop``/``start`` make an outage on the same port.
-
-    Persistence keeps the sessions (a persistent subscriber's subscription and queue)
-    across ``stop``/``start``.
-    """
-
-    port: int
-    workdir: Path
-    proc: subprocess.Popen[bytes] | None = None
-    host: str = "127.0.0.1"
-
-    def start(self) -> None:
-        exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        conf = self.workdir / "mosquitto.conf"
-        db = self.workdir / "mosquitto-db"
-        db.mkdir(exist_ok=True)
-        # mosquitto started as root drops to user mosquitto, which must reach and write the db.
-        self.workdir.chmod(self.workdir.stat().st_mode | 0o011)
-        db.chmod(0o777)
-        conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
-            f"persistence true\npersistence_location {db}/\n"
-            "sys_interval 1\nmax_queued_messages 100000\n"
-            "set_tcp_nodelay true\n"  # as deployments should (see BENCHMARKS.md, leak to safety hook)
-        )
-        log = (self.workdir / "mosquitto.log").open("ab")
-        self.proc = subprocess.Popen([exe, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mosquitto exited with {self.proc.returncode}; see {self.workdir}")
-            try:
-                with socket.create_connection((self.host, self.port), timeout=0.2):
-                    return
-            except OSError:
-                time.sleep(0.02)
-        raise RuntimeError("mosquitto did not start listening")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-
 @contextlib.contextmanager
 def broker_at(workdir: Path, hostport: tuple[str, int] | None) -> Iterator[tuple[str, int, Mosquitto | None]]:
     """The given broker, or a fresh mosquitto on a free loopback port (stopped on exit)."""
     if hostport is not None:
         yield hostport[0], hostport[1], None
         return
-    b = Mosquitto(free_port(), workdir)
+    b = Mosquitto(free_port(), workdir, persistence=True)
     b.start()
     try:
         yield b.host, b.port, b

@@ -17,10 +17,7 @@ import argparse
 import asyncio
 import json
 import platform
-import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -35,33 +32,9 @@ from agent import config as configmod
 from agent import log as logmod
 from agent.coolant import LeakEvent
 from agent.daemon import Agent
+from agent.mosquitto import Mosquitto, free_port
 
 TOPIC = "bms/bench/r1/leak"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_mosquitto(port: int, d: Path, *, nodelay: bool) -> subprocess.Popen[bytes]:
-    conf = d / "mosquitto.conf"
-    lines = [f"listener {port} 127.0.0.1", "allow_anonymous true", "persistence false"]
-    if nodelay:
-        lines.append("set_tcp_nodelay true")  # no Nagle delay on small QoS 1 messages (mosquitto >= 2.0)
-    conf.write_text("\n".join(lines) + "\n")
-    exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return proc
-        except OSError:
-            time.sleep(0.02)
-    proc.kill()
-    raise RuntimeError("mosquitto did not start")
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -138,13 +111,14 @@ def main() -> int:
     logmod.configure("error", "json")
     with tempfile.TemporaryDirectory() as d:
         port = args.port or free_port()
-        broker = None if args.port else start_mosquitto(port, Path(d), nodelay=not args.nagle)
+        broker = None if args.port else Mosquitto(port, Path(d), nodelay=not args.nagle)
+        if broker is not None:
+            broker.start()
         try:
             lat = asyncio.run(bench(port, args.events))
         finally:
             if broker is not None:
-                broker.terminate()
-                broker.wait(5)
+                broker.stop()
     ms = [x * 1000 for x in lat]
     broker_desc = (
         f"127.0.0.1:{args.port}" if args.port else f"own mosquitto, set_tcp_nodelay {not args.nagle}"

@@ -17,9 +17,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agent import config as configmod
+from agent.mosquitto import Mosquitto, free_port
 from agent.mqtt import MqttLink, Topics, aiomqtt_factory
 from agent.outbox import OutMsg, SqliteOutbox
-from tests.conftest import Broker, free_port
 
 PAYLOAD = json.dumps({"seq": 0, "historical": False, "pad": "x" * 1500}).encode()  # ~ one 8-GPU window
 
@@ -34,7 +34,7 @@ def put_cost(d: Path, sync: str, n: int = 2000) -> float:
     return dt
 
 
-async def replay(d: Path, broker: Broker, n: int, rate: float) -> float:
+async def replay(d: Path, broker: Mosquitto, n: int, rate: float) -> float:
     topics = Topics("rackguard/s/r/n")
     box = SqliteOutbox(d / f"replay-{rate}.sqlite", 10**6)
     for i in range(n):
@@ -67,10 +67,7 @@ def main() -> None:
     try:
         for sync in ("full", "normal"):
             print(f"put ({sync}): {put_cost(d, sync) * 1e3:.3f} ms/message")
-        port = free_port()
-        conf = d / "m.conf"
-        conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n")
-        b = Broker(port=port, conf=conf, log=d / "m.log")
+        b = Mosquitto(free_port(), d / "mosquitto")
         b.start()
         try:
             for rate in (50.0, 1e6):

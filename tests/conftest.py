@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,51 +14,13 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
+from agent.mosquitto import Mosquitto, free_port
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class Broker:
-    """A mosquitto process on 127.0.0.1:port. ``stop``/``start`` simulate outages."""
-
-    port: int
-    conf: Path
-    log: Path
-    proc: subprocess.Popen[bytes] | None = None
-    host: str = "127.0.0.1"
-
-    def start(self) -> None:
-        exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        self.proc = subprocess.Popen(
-            [exe, "-c", str(self.conf)], stdout=self.log.open("ab"), stderr=subprocess.STDOUT
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mosquitto exited: {self.log.read_text()[-2000:]}")
-            try:
-                with socket.create_connection((self.host, self.port), timeout=0.2):
-                    return
-            except OSError:
-                time.sleep(0.02)
-        raise RuntimeError("mosquitto did not start listening")
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
+Broker = Mosquitto  # a real mosquitto on 127.0.0.1:port; stop()/start() simulate outages
 
 
 def _have_mosquitto() -> bool:
@@ -79,17 +39,7 @@ def broker_factory(tmp_path: Path) -> Iterator[BrokerFactory]:
 
     def make(extra: str = "", *, anonymous: bool = True, port: int | None = None) -> Broker:
         port = port or free_port()
-        d = tmp_path / f"mosquitto-{port}"
-        d.mkdir(exist_ok=True)
-        conf = d / "mosquitto.conf"
-        lines = [
-            f"listener {port} 127.0.0.1",
-            f"allow_anonymous {'true' if anonymous else 'false'}",
-            "persistence false",
-            "set_tcp_nodelay true",  # as deployments should: no Nagle delay on small QoS 1 messages
-        ]
-        conf.write_text("\n".join(lines) + "\n" + extra + "\n")
-        b = Broker(port=port, conf=conf, log=d / "mosquitto.log")
+        b = Mosquitto(port, tmp_path / f"mosquitto-{port}", extra_conf=extra, anonymous=anonymous)
         b.start()
         started.append(b)
         return b
