@@ -20,7 +20,9 @@ COMMANDS = ("run", "check_config", "schema", "demo", "model", "bench", "sim_cdu"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rackguard", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="rackguard", description="Keeps liquid-cooled GPU racks safe and busy."
+    )
     parser.add_argument("--version", action="version", version=f"rackguard {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
