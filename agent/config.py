@@ -29,7 +29,7 @@ from pydantic import (
     model_validator,
 )
 
-from sensors.coolant import CoolantSensor
+from sensors.coolant import WATER_CP_J_PER_KG_K, WATER_DENSITY_KG_PER_L, CoolantSensor
 
 ENV_PREFIX = "RACKGUARD_"
 _TOPIC_SAFE = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -237,8 +237,12 @@ class CoolantConfig(_Section):
         description="topic filters for the rack's sensors; a message on one that no sensor declares is rejected",
     )
     sensors: list[CoolantSensor] = Field(default_factory=list)
-    cp_j_per_kg_k: float = Field(default=4186.0, gt=0, le=10_000, description="coolant specific heat (water)")
-    density_kg_per_l: float = Field(default=0.997, gt=0, le=5, description="coolant density (water)")
+    cp_j_per_kg_k: float = Field(
+        default=WATER_CP_J_PER_KG_K, gt=0, le=10_000, description="coolant specific heat (water)"
+    )
+    density_kg_per_l: float = Field(
+        default=WATER_DENSITY_KG_PER_L, gt=0, le=5, description="coolant density (water)"
+    )
     design_delta_t_c: float = Field(default=10.0, gt=0, le=50, description="design supply→return rise")
     max_future_s: float = Field(
         default=5.0, ge=0, le=3600, description="clock skew allowed in payload timestamps"

@@ -470,6 +470,10 @@ def parse(
 
 
 # -- derived physics ---------------------------------------------------------------------
+WATER_CP_J_PER_KG_K: Final = 4186.0
+WATER_DENSITY_KG_PER_L: Final = 0.997
+
+
 def mass_flow_kg_per_s(flow_lpm: float, density_kg_per_l: float) -> float:
     return flow_lpm / 60.0 * density_kg_per_l
 

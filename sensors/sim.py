@@ -25,9 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from sensors.base import GpuBackend, GpuInfo, GpuLost, GpuSample, GpuThresholds
-
-WATER_CP_J_PER_KG_K = 4186.0
-WATER_DENSITY_KG_PER_L = 0.997
+from sensors.coolant import WATER_CP_J_PER_KG_K, WATER_DENSITY_KG_PER_L, mass_flow_kg_per_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,7 +159,7 @@ class SimBackend(GpuBackend):
         return min(self._offered[index], g.cap)
 
     def _mdot_cp(self) -> float:
-        return self.flow_lpm / 60.0 * WATER_DENSITY_KG_PER_L * WATER_CP_J_PER_KG_K
+        return mass_flow_kg_per_s(self.flow_lpm, WATER_DENSITY_KG_PER_L) * WATER_CP_J_PER_KG_K
 
     # -- physics -----------------------------------------------------------------------
     def _advance(self, g: _SimGpu) -> None:

@@ -49,6 +49,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from sensors.coolant import (
     REDFISH_KEYS,
+    WATER_CP_J_PER_KG_K,
+    WATER_DENSITY_KG_PER_L,
     CduSensor,
     CoolantSensor,
     LeakSensor,
@@ -130,8 +132,8 @@ class LoopParams:
     nominal_flow_lpm: float = 12.0
     supply_temp_c: float = 32.0
     nominal_dp_kpa: float = 80.0
-    cp_j_per_kg_k: float = 4186.0
-    density_kg_per_l: float = 0.997
+    cp_j_per_kg_k: float = WATER_CP_J_PER_KG_K
+    density_kg_per_l: float = WATER_DENSITY_KG_PER_L
     tau_flow_s: float = 2.0  # pump spin-down / spin-up
     tau_return_s: float = 3.0  # transit and mixing before the return probe
     max_return_temp_c: float = 95.0  # stagnant coolant boils off the model's physics past this

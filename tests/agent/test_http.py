@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import urllib.error
 import urllib.request
 
@@ -13,13 +12,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from agent import config as configmod
 from agent.daemon import Agent
 from agent.localbus import LocalBroker
+from agent.mosquitto import free_port
 from sensors.sim import SimBackend
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def cfg() -> configmod.Config:
