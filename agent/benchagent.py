@@ -856,6 +856,17 @@ def _print(out: dict[str, Any], as_json: bool) -> None:
         print(f"{k:32s} {json.dumps(v)}")
 
 
+def _report(name: str, bench: Callable[[], dict[str, Any]], as_json: bool) -> int:
+    """Run one bench and print its figures; a harness failure exits EX_SOFTWARE with the reason."""
+    try:
+        out = bench()
+    except RuntimeError as exc:
+        print(f"rackguard bench {name}: {exc}", file=sys.stderr)
+        return EX_SOFTWARE
+    _print(out, as_json)
+    return 0
+
+
 def cmd_agent(args: argparse.Namespace) -> int:
     """``rackguard bench agent``."""
     opts = AgentBenchOptions(
@@ -867,13 +878,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         broker=args.broker,
         progress=_progress(False),
     )
-    try:
-        out = run_agent_bench(opts)
-    except RuntimeError as exc:
-        print(f"rackguard bench agent: {exc}", file=sys.stderr)
-        return EX_SOFTWARE
-    _print(out, args.json)
-    return 0
+    return _report("agent", lambda: run_agent_bench(opts), args.json)
 
 
 def cmd_fleet(args: argparse.Namespace) -> int:
@@ -888,13 +893,7 @@ def cmd_fleet(args: argparse.Namespace) -> int:
         broker=args.broker,
         progress=_progress(False),
     )
-    try:
-        out = run_fleet_bench(opts)
-    except RuntimeError as exc:
-        print(f"rackguard bench fleet: {exc}", file=sys.stderr)
-        return EX_SOFTWARE
-    _print(out, args.json)
-    return 0
+    return _report("fleet", lambda: run_fleet_bench(opts), args.json)
 
 
 def main(argv: list[str]) -> int:
