@@ -156,6 +156,7 @@ class Agent:
         self.metrics = Metrics()
         self.stop = asyncio.Event()
         self.infos: list[GpuInfo] = []
+        self._birth_uuids: tuple[str, ...] = ()
         self.poller: GpuPoller | None = None
         self.telemetry_seq = self.link.outbox.last_seq("telemetry")  # continues across restarts
         self._dropped_seen = self.link.outbox.dropped_total
@@ -209,6 +210,8 @@ class Agent:
         return dump(Status(state="offline", t_s=time.time(), node=self.node, reason=reason))
 
     def _birth(self) -> None:
+        infos = [g.info for g in self.poller.gpus] if self.poller else self.infos
+        self._birth_uuids = tuple(i.uuid for i in infos)
         status = Status(
             state="online",
             t_s=time.time(),
@@ -217,7 +220,7 @@ class Agent:
             backend=self.backend.name,
             poll_period_s=self.cfg.sensors.poll_period_s,
             publish_period_s=self.cfg.telemetry.publish_period_s,
-            gpus=inventory([g.info for g in self.poller.gpus] if self.poller else self.infos),
+            gpus=inventory(infos),
         )
         self.link.set_state(self.topics.status, dump(status))
 
@@ -726,6 +729,8 @@ class Agent:
             self.metrics.tick_lateness_s.observe(max(0.0, late))
             gpus = await self.poller.poll()
             self.last_poll_mono = time.monotonic()
+            if tuple(g.info.uuid for g in gpus) != self._birth_uuids:
+                self._birth()  # a GPU not identified at start (or replaced) now is: new inventory
             window.add(gpus)
             self.coolant.check()
             now = time.monotonic()

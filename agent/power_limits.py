@@ -163,6 +163,8 @@ class PowerLimitActuator:
             saved = {s.uuid: s.original_w for s in load_state(self.state_file)}
             self.log.warning("power_limit_state_found", path=str(self.state_file), gpus=len(saved))
         for info in self.infos:
+            if not info.uuid:
+                continue  # not identified at start: never touched
             if info.uuid in saved:
                 self.original_w[info.index] = saved[info.uuid]
                 continue

@@ -111,6 +111,7 @@ class NvmlBackend(GpuBackend):
     def __init__(self, indices: list[int] | None = None) -> None:
         self._indices = None if indices is None else list(indices)
         self._gpus: dict[int, _Gpu] = {}
+        self._unidentified: dict[int, str] = {}  # index -> why it could not be identified at open
         self._initialised = False
         self._lock = threading.Lock()  # guards open/close only, never held during reads
 
@@ -119,12 +120,16 @@ class NvmlBackend(GpuBackend):
     def open(self) -> list[GpuInfo]:
         """Initialise NVML and read the inventory.
 
+        A GPU that cannot be identified (handle, UUID, name) does not stop the others:
+        it is listed with an empty UUID, its reads raise :class:`GpuLost`, and
+        :meth:`reopen` identifies it once NVML answers for it.
+
         Returns:
             One :class:`GpuInfo` per GPU, in index order.
 
         Raises:
             SensorError: NVML cannot start (no driver/library), a requested index
-                does not exist, or a GPU cannot be identified (handle, UUID, name).
+                does not exist, or no GPU at all can be identified.
         """
         with self._lock:
             if self._initialised:
@@ -140,15 +145,26 @@ class NvmlBackend(GpuBackend):
                 missing = [i for i in indices if not 0 <= i < count]
                 if missing:
                     raise SensorError(f"GPU indices {missing} not present (NVML sees {count} GPUs)")
-                gpus = {i: self._inventory(i) for i in indices}
+                gpus: dict[int, _Gpu] = {}
+                unidentified: dict[int, str] = {}
+                for i in indices:
+                    try:
+                        gpus[i] = self._inventory(i)
+                    except SensorError as e:
+                        unidentified[i] = str(e)
+                        log.error("gpu %d: not identified at start, will retry: %s", i, e)
             except pynvml.NVMLError as e:
                 self._shutdown()
                 raise SensorError(f"NVML inventory failed: {_error_text(e)}") from e
             except BaseException:
                 self._shutdown()
                 raise
+            if not gpus:
+                self._shutdown()
+                raise SensorError("no GPU could be identified: " + "; ".join(unidentified.values()))
             self._gpus = gpus
-            return [g.info for g in gpus.values()]
+            self._unidentified = unidentified
+            return [gpus[i].info if i in gpus else GpuInfo(index=i, uuid="", name="") for i in indices]
 
     def close(self) -> None:
         """Shut NVML down; errors are ignored. Reads after this raise GpuLost."""
@@ -157,6 +173,7 @@ class NvmlBackend(GpuBackend):
 
     def _shutdown(self) -> None:
         self._gpus = {}
+        self._unidentified = {}
         if self._initialised:
             self._initialised = False
             try:
@@ -213,12 +230,17 @@ class NvmlBackend(GpuBackend):
             GpuLost: NVML still cannot reach it, or another device now has this index.
         """
         old = self._gpus.get(index)
-        if old is None or not self._initialised:
+        if not self._initialised or (old is None and index not in self._unidentified):
             raise GpuLost(f"gpu {index}: not in the open inventory")
         try:
             new = self._inventory(index)
         except SensorError as e:
-            raise GpuLost(f"gpu {index} ({old.info.uuid}): still lost: {e}") from e
+            who = "not identified yet" if old is None else f"({old.info.uuid}): still lost"
+            raise GpuLost(f"gpu {index} {who}: {e}") from e
+        if old is None:  # first identification of a GPU that failed at open
+            self._gpus[index] = new
+            self._unidentified.pop(index, None)
+            return new.info
         if new.info.uuid != old.info.uuid:
             raise GpuLost(
                 f"gpu {index}: UUID changed from {old.info.uuid} to {new.info.uuid}; refusing to reopen"
@@ -231,9 +253,10 @@ class NvmlBackend(GpuBackend):
     def _gpu(self, index: int) -> _Gpu:
         gpu = self._gpus.get(index)
         if gpu is None:
-            raise GpuLost(
-                f"gpu {index}: not open" if not self._initialised else f"gpu {index}: not in inventory"
-            )
+            why = self._unidentified.get(index)
+            if not self._initialised:
+                raise GpuLost(f"gpu {index}: not open")
+            raise GpuLost(f"gpu {index}: not identified: {why}" if why else f"gpu {index}: not in inventory")
         return gpu
 
     def _optional(self, gpu: _Gpu, key: str, fn_name: str, *args: Any) -> Any | None:

@@ -91,3 +91,37 @@ async def test_gpu_lost_midrun_others_keep_publishing(
     finally:
         agent.request_stop("test")
         assert await asyncio.wait_for(task, 10) == 0
+
+
+async def test_gpu_unidentifiable_at_start_is_lost_then_joins(
+    broker, subscriber, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    fake = FakeNvml(h100s(3))
+    fake.gpus[1].fail = real.NVML_ERROR_GPU_IS_LOST  # cannot even read its UUID at start
+    monkeypatch.setattr(nvml, "pynvml", fake)
+    status = subscriber(broker, "rackguard/s/r/fault/status")
+    seen: list[Telemetry] = []
+    agent = Agent(make_cfg(broker.port), NvmlBackend(), on_telemetry=seen.append)
+    task = asyncio.create_task(agent.run())
+    try:
+        t = await wait_telemetry(
+            seen, lambda t: t.gpus[1].state == "lost" and all(t.gpus[i].samples >= 2 for i in (0, 2))
+        )
+        assert "not identified" in (t.gpus[1].error or "") and t.gpus[1].uuid == ""
+        assert agent.cap_msg is not None and agent.cap_msg.reason == "gpu_lost"
+        birth = await asyncio.to_thread(status.wait_for, lambda m: m.json()["state"] == "online", 5)
+        assert [g["uuid"] for g in birth[-1].json()["gpus"]] == [fake.gpus[0].uuid, "", fake.gpus[2].uuid]
+
+        fake.gpus[1].fail = None
+        t = await wait_telemetry(seen, lambda t: t.gpus[1].state == "ok" and t.gpus[1].samples > 0)
+        assert t.gpus[1].uuid == fake.gpus[1].uuid
+        # Consumers get the completed inventory, retained for those who subscribe later.
+        await asyncio.to_thread(
+            status.wait_for, lambda m: m.json()["gpus"][1]["uuid"] == fake.gpus[1].uuid, 5
+        )
+        late = subscriber(broker, "rackguard/s/r/fault/status")
+        msgs = await asyncio.to_thread(late.wait_for, lambda m: m.retain, 5)
+        assert msgs[-1].json()["gpus"][1]["uuid"] == fake.gpus[1].uuid
+    finally:
+        agent.request_stop("test")
+        assert await asyncio.wait_for(task, 10) == 0

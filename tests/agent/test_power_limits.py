@@ -66,6 +66,22 @@ def test_budget_split_min_on_safety_clamp_and_writes_only_on_change(tmp_path: Pa
     assert act.restore() == [] and dev.limits_w == {0: 700.0, 1: 650.0} and not state.exists()
 
 
+def test_gpu_not_identified_at_start_is_never_read_or_written(tmp_path: Path) -> None:
+    class Strict(FakeDevice):
+        def get_power_limit_w(self, index: int) -> float | None:
+            assert index != 1, "the unidentified GPU must not be asked"
+            return super().get_power_limit_w(index)
+
+    dev = Strict({0: 700.0})
+    infos = [INFOS[0], GpuInfo(index=1, uuid="", name="")]  # as NvmlBackend.open() lists it
+    state = tmp_path / "power_limits.json"
+    act = PowerLimitActuator(infos, dev, state, budget_w=900.0)
+    act.start()
+    assert [s.index for s in load_state(state)] == [0]
+    act.apply(decision("leak"))
+    assert dev.writes == [(0, 200.0)]
+
+
 def test_failed_write_is_an_error_and_crash_leftovers_keep_originals(tmp_path: Path) -> None:
     state = tmp_path / "power_limits.json"
     dev = FakeDevice({0: 700.0, 1: 700.0})

@@ -99,10 +99,32 @@ def test_init_failure_is_sensor_error(fake: FakeNvml, code: int) -> None:
     assert fake.calls["nvmlShutdown"] == 0
 
 
-def test_gpu_unidentifiable_at_open_is_sensor_error(fake: FakeNvml) -> None:
+def test_gpu_unidentifiable_at_open_does_not_stop_the_others(fake: FakeNvml) -> None:
     fake.gpus[1].fail = real.NVML_ERROR_GPU_IS_LOST
-    with pytest.raises(SensorError, match="gpu 1: cannot identify: GPU is lost"):
+    b = NvmlBackend()
+    infos = b.open()
+    assert [(i.index, i.uuid) for i in infos] == [(0, fake.gpus[0].uuid), (1, "")]
+    assert infos[1].power_limit_max_w is None  # nothing known: the actuator never touches it
+    assert b.read(0, slow=True).power_w is not None
+    with pytest.raises(GpuLost, match="gpu 1: not identified: gpu 1: cannot identify: GPU is lost"):
+        b.read(1, slow=False)
+    with pytest.raises(GpuLost, match="gpu 1 not identified yet"):
+        b.reopen(1)
+    fake.gpus[1].fail = None
+    info = b.reopen(1)
+    assert info.uuid == fake.gpus[1].uuid and info.thresholds.slowdown_c == 89
+    assert b.read(1, slow=True).energy_j == 1000.0
+    b.close()
+    with pytest.raises(GpuLost, match="not open"):
+        b.read(1, slow=False)
+
+
+def test_no_gpu_identifiable_at_open_is_sensor_error(fake: FakeNvml) -> None:
+    for g in fake.gpus:
+        g.fail = real.NVML_ERROR_GPU_IS_LOST
+    with pytest.raises(SensorError, match="no GPU could be identified: gpu 0: cannot identify") as ei:
         NvmlBackend().open()
+    assert type(ei.value) is SensorError
     assert fake.initialised == 0
 
 
