@@ -124,6 +124,8 @@ def inventory(infos: list[GpuInfo]) -> list[GpuInventory]:
 class Agent:
     """One node's daemon. ``run()`` returns the process exit code."""
 
+    POWER_RETRY_S = 10.0  # a failed power-limit write is retried this often (and /healthz is 503)
+
     def __init__(
         self,
         cfg: Config,
@@ -202,6 +204,8 @@ class Agent:
         if cfg.commands.enabled:
             self.link.subscribe(self.topics.cmd, self._on_command)
         self.power: PowerLimitActuator | None = None  # the optional power-limit actuator (run() builds it)
+        self.power_error: str | None = None  # the last power-limit write failure, until one succeeds
+        self._power_retry_mono = 0.0
         self._power_pending: Decision | None = None
         self._power_task: asyncio.Task[None] | None = None
 
@@ -444,9 +448,11 @@ class Agent:
         set_caps = getattr(self.backend, "set_caps", None)
         if set_caps is not None:
             set_caps(decision.caps)  # the simulated inference servers obey at once
-        if changed and self.power is not None:
-            self._actuate_power(decision)
         now_mono = time.monotonic()
+        if self.power is not None and (
+            changed or (self.power_error is not None and now_mono >= self._power_retry_mono)
+        ):
+            self._actuate_power(decision)
         if not (changed or force or now_mono - self._cap_published_mono >= c.cap_refresh_s):
             return
         if changed:
@@ -512,10 +518,13 @@ class Agent:
             self._power_pending = None
             try:
                 await asyncio.to_thread(self.power.apply, d)
-            except PowerLimitError:
-                pass  # logged as an error and counted by the actuator
-            except Exception:
-                self.log.exception("power_limit_actuator_failed")
+            except Exception as exc:  # PowerLimitError is logged and counted by the actuator
+                if not isinstance(exc, PowerLimitError):
+                    self.log.exception("power_limit_actuator_failed")
+                self.power_error = str(exc) or type(exc).__name__
+                self._power_retry_mono = time.monotonic() + self.POWER_RETRY_S
+            else:
+                self.power_error = None
 
     def _cap_metrics(self, decision: Decision) -> None:
         m = self.metrics
@@ -539,6 +548,8 @@ class Agent:
             problems.append("sensing loop stalled")
         elif lost := [g.info.index for g in self.poller.gpus if g.state == "lost"]:
             problems.append(f"gpu lost: {lost}")
+        if self.power_error is not None:
+            problems.append(f"power limit write failed: {self.power_error}")
         control_stall_s = max(3.0, 3 * self.cfg.control.period_s)
         last = self.control.last_step_mono if self.control else None
         if last is None or now - last > control_stall_s:

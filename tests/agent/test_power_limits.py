@@ -164,3 +164,40 @@ async def test_agent_writes_limits_and_restores_them_on_shutdown(tmp_path: Path)
         agent.request_stop("test")
         assert await asyncio.wait_for(task, 10) == 0
     assert backend.dev.limits_w == {0: 700.0, 1: 700.0} and not state.exists()
+
+
+async def test_failed_write_makes_healthz_503_until_a_retry_succeeds(tmp_path: Path) -> None:
+    cfg = configmod.validate(
+        {
+            "node": {"name": "pl"},
+            "sensors": {"backend": "sim", "poll_period_s": 0.05, "slow_period_s": 0.1},
+            "control": {"period_s": 0.1, "node_power_budget_w": 1000.0},
+            "http": {"port": 0},
+            "sim": {"gpus": 2},
+            "power_limits": {"enabled": True, "state_file": str(tmp_path / "pl.json")},
+        }
+    )
+    backend = PowerSim(2)
+    backend.dev.fail = {1}
+    agent = Agent(cfg, backend, client_factory=LocalBroker().client)
+    agent.POWER_RETRY_S = 0.3
+    task = asyncio.create_task(agent.run())
+    try:
+        for _ in range(200):
+            if agent.power_error is not None:
+                break
+            await asyncio.sleep(0.02)
+        problems = agent.health()
+        assert any(p.startswith("power limit write failed: gpu 1: setting 500 W failed") for p in problems)
+        assert backend.dev.writes == [(0, 500.0)]
+        backend.dev.fail = set()  # the write works again: the next retry (or decision) lands it
+        for _ in range(200):
+            if (1, 500.0) in backend.dev.writes:
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.05)
+        assert (1, 500.0) in backend.dev.writes and agent.power_error is None
+        assert not any("power limit" in p for p in agent.health())
+    finally:
+        agent.request_stop("test")
+        assert await asyncio.wait_for(task, 10) == 0
