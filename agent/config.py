@@ -211,7 +211,7 @@ class ControlConfig(_Section):
         default=None, ge=30, le=120, description="default: the GPU's 'memory max'"
     )
     slowdown_c: float | None = Field(default=None, ge=30, le=120, description="default: the GPU's slowdown")
-    margin_c: float = Field(default=3.0, ge=0, le=30)
+    margin_c: float = Field(default=2.0, ge=0, le=30)
     node_power_budget_w: float | None = Field(default=None, gt=0)
     min_cap: int = Field(default=1, ge=0)
     max_cap: int = Field(default=256, ge=1, le=100_000)

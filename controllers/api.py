@@ -71,7 +71,9 @@ class Limits:
         mem_temp_max_c: HBM temperature limit (NVML "memory max").
         slowdown_c: Hardware slowdown temperature.
         margin_c: The MPC keeps predictions this far below the limits; the safety layer
-            trips at slowdown_c - margin_c.
+            trips at slowdown_c - margin_c. 2 K covers the measurement rounding (NVML reads
+            whole °C) and the ±1 K the die swings with power noise between control steps
+            (BENCHMARKS.md, "Controllers": margin sweep).
         node_power_budget_w: Node GPU power budget, or None for none.
         design_delta_t_c: Coolant supply→return temperature rise the loop is designed for.
         coolant_cp_j_per_kg_k: Coolant specific heat.
@@ -87,7 +89,7 @@ class Limits:
     gpu_temp_max_c: float = 87.0
     mem_temp_max_c: float = 95.0
     slowdown_c: float = 89.0
-    margin_c: float = 3.0
+    margin_c: float = 2.0
     node_power_budget_w: float | None = None
     design_delta_t_c: float = 10.0
     coolant_cp_j_per_kg_k: float = 4186.0

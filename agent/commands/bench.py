@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -31,6 +32,11 @@ def register(sub: Any) -> None:
         "--plot", type=Path, metavar="DIR", help="write one PNG per scenario (needs the 'plot' extra)"
     )
     c.add_argument("--duration-s", type=float, help="override every scenario's duration (quick runs)")
+    c.add_argument(
+        "--seed",
+        type=int,
+        help="override every scenario's noise seed (check a result is not one draw's luck)",
+    )
     c.set_defaults(func=cmd_controllers)
     from agent import benchagent
 
@@ -75,6 +81,8 @@ def cmd_controllers(args: argparse.Namespace) -> int:
             return EX_USAGE
         if args.duration_s:
             scn = scn.with_duration(args.duration_s)
+        if args.seed is not None:
+            scn = dataclasses.replace(scn, seed=args.seed)
         scenarios.append(scn)
 
     results = []

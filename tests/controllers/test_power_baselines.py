@@ -116,6 +116,21 @@ def test_bench_controllers_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert out["scenarios"][0]["controllers"]["mpc"]["leak_to_cap_s"] is None
 
 
+def test_bench_controllers_seed_changes_the_noise_draw_reproducibly(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    def served(*extra: str) -> float:
+        argv = ["bench", "controllers", "--json", "--duration-s", "60"]
+        argv += ["--scenario", str(SCENARIO_DIR / "steady_full_load.toml"), *extra]
+        assert _bench(argv) == 0
+        out = json.loads(capsys.readouterr().out)
+        return float(out["scenarios"][0]["controllers"]["pid"]["served"])
+
+    shipped, seeded = served(), served("--seed", "101")
+    assert seeded != shipped
+    assert served("--seed", "101") == seeded
+
+
 @pytest.mark.skipif(importlib.util.find_spec("matplotlib") is not None, reason="matplotlib installed")
 def test_bench_plot_without_matplotlib_fails_clearly(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
