@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.mosquitto import Mosquitto, free_port
+from rackguard.agent.mosquitto import Mosquitto, free_port
 
 EX_SOFTWARE = 70
 FLEET_EXTRAPOLATE_NODES = 10_000
@@ -298,7 +298,7 @@ class AgentProc:
         self.log_path = workdir / f"{tag}.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("RACKGUARD_")}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent.cli", "run", "--config", str(cfg)],
+            [sys.executable, "-m", "rackguard.agent.cli", "run", "--config", str(cfg)],
             stdout=self.log_path.open("ab"),
             stderr=subprocess.STDOUT,
             env=env,
@@ -533,7 +533,7 @@ def _leak_events(n: int, pub: Any, rec: Recorder, leak_topic: str) -> dict[str, 
 
 def _replay(opts: AgentBenchOptions, broker: Mosquitto, workdir: Path) -> dict[str, Any]:
     """Stop the broker for ``outage_s``, restart it, time the historical backlog's arrival."""
-    from agent.config import OutboxConfig
+    from rackguard.agent.config import OutboxConfig
 
     http_port = free_port()
     publish_period_s = 0.1
@@ -663,9 +663,9 @@ def fleet_node_config(host: str, port: int, i: int, *, gpus: int, poll_period_s:
 
 async def _fleet_worker(host: str, port: int, first: int, count: int, gpus: int, poll_period_s: float) -> int:
     """Run ``count`` agents in this process until SIGTERM."""
-    from agent import config as configmod
-    from agent import log as logmod
-    from agent.daemon import Agent
+    from rackguard.agent import config as configmod
+    from rackguard.agent import log as logmod
+    from rackguard.agent.daemon import Agent
 
     logmod.configure("warning", "json")
     agents = [
@@ -707,7 +707,7 @@ def run_fleet_bench(opts: FleetOptions) -> dict[str, Any]:
                 cmd = [
                     sys.executable,
                     "-m",
-                    "agent.benchagent",
+                    "rackguard.agent.benchagent",
                     "fleet-worker",
                     host,
                     str(port),
@@ -897,7 +897,7 @@ def cmd_fleet(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str]) -> int:
-    """``python -m agent.benchagent fleet-worker HOST PORT FIRST COUNT GPUS POLL_S`` (bench fleet's workers)."""
+    """``python -m rackguard.agent.benchagent fleet-worker HOST PORT FIRST COUNT GPUS POLL_S`` (bench fleet's workers)."""
     if len(argv) != 7 or argv[0] != "fleet-worker":
         print(main.__doc__, file=sys.stderr)
         return 2

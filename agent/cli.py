@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-from agent import __version__
+from rackguard.agent import __version__
 
 EX_CONFIG = 78
 
@@ -27,9 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         try:
-            module = importlib.import_module(f"agent.commands.{name}")
+            module = importlib.import_module(f"rackguard.agent.commands.{name}")
         except ModuleNotFoundError as exc:
-            if exc.name == f"agent.commands.{name}":
+            if exc.name == f"rackguard.agent.commands.{name}":
                 continue  # not built yet
             raise
         module.register(sub)

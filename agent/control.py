@@ -11,11 +11,11 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from agent.config import ControlConfig, CoolantConfig
-from controllers.api import Decision, Limits, Observation
-from controllers.mpc import MpcController
-from controllers.safety import SafetyLayer
-from sensors.base import GpuInfo
+from rackguard.agent.config import ControlConfig, CoolantConfig
+from rackguard.controllers.api import Decision, Limits, Observation
+from rackguard.controllers.mpc import MpcController
+from rackguard.controllers.safety import SafetyLayer
+from rackguard.sensors.base import GpuInfo
 
 
 def limits_from(cfg: ControlConfig, coolant: CoolantConfig, infos: list[GpuInfo]) -> Limits:

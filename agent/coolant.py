@@ -22,12 +22,12 @@ from typing import Protocol
 
 from paho.mqtt.client import topic_matches_sub
 
-from agent import log as logmod
-from agent.config import CoolantConfig
-from agent.messages import Alarm, CoolantSensorTelemetry, CoolantTelemetry, NodeId, dump
-from agent.metrics import Metrics
-from agent.outbox import OutMsg
-from sensors.coolant import (
+from rackguard.agent import log as logmod
+from rackguard.agent.config import CoolantConfig
+from rackguard.agent.messages import Alarm, CoolantSensorTelemetry, CoolantTelemetry, NodeId, dump
+from rackguard.agent.metrics import Metrics
+from rackguard.agent.outbox import OutMsg
+from rackguard.sensors.coolant import (
     LEAK_SEVERITY,
     CoolantSensor,
     CoolantSnapshot,

@@ -16,15 +16,15 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from agent import __version__
-from agent import log as logmod
-from agent.config import Config, ConfigError
-from agent.control import ControlLoop, limits_from
-from agent.coolant import CoolantMonitor, LeakEvent
-from agent.energy import EnergyMeter
-from agent.gates import GateTracker
-from agent.http import METRICS_CONTENT_TYPE, HttpServer, json_response
-from agent.messages import (
+from rackguard.agent import __version__
+from rackguard.agent import log as logmod
+from rackguard.agent.config import Config, ConfigError
+from rackguard.agent.control import ControlLoop, limits_from
+from rackguard.agent.coolant import CoolantMonitor, LeakEvent
+from rackguard.agent.energy import EnergyMeter
+from rackguard.agent.gates import GateTracker
+from rackguard.agent.http import METRICS_CONTENT_TYPE, HttpServer, json_response
+from rackguard.agent.messages import (
     Cap,
     CommandAck,
     EnergyTelemetry,
@@ -36,18 +36,18 @@ from agent.messages import (
     Thresholds,
     dump,
 )
-from agent.metrics import Metrics
-from agent.mqtt import ClientFactory, MqttLink, Topics, aiomqtt_factory
-from agent.notify import Notifier
-from agent.operator_commands import COMMAND_NAMES, Actions, CommandProcessor
-from agent.outbox import OutMsg, open_outbox
-from agent.power_limits import PowerLimitActuator, PowerLimitError
-from agent.sensing import GpuPoller
-from agent.telemetry import Window
-from controllers.api import CoolantObs, Decision, GpuObs, Observation
-from sensors.base import GpuBackend, GpuInfo
-from sensors.coolant import Reading
-from sensors.sim import SimBackend
+from rackguard.agent.metrics import Metrics
+from rackguard.agent.mqtt import ClientFactory, MqttLink, Topics, aiomqtt_factory
+from rackguard.agent.notify import Notifier
+from rackguard.agent.operator_commands import COMMAND_NAMES, Actions, CommandProcessor
+from rackguard.agent.outbox import OutMsg, open_outbox
+from rackguard.agent.power_limits import PowerLimitActuator, PowerLimitError
+from rackguard.agent.sensing import GpuPoller
+from rackguard.agent.telemetry import Window
+from rackguard.controllers.api import CoolantObs, Decision, GpuObs, Observation
+from rackguard.sensors.base import GpuBackend, GpuInfo
+from rackguard.sensors.coolant import Reading
+from rackguard.sensors.sim import SimBackend
 
 SHUTDOWN_BUDGET_S = 4.5  # SIGTERM → exit within 5 s
 
@@ -86,7 +86,7 @@ def split_reload(
 def make_backend(cfg: Config) -> GpuBackend:
     """The GPU backend named by ``sensors.backend``."""
     if cfg.sensors.backend == "sim":
-        from sensors.sim import SimBackend
+        from rackguard.sensors.sim import SimBackend
 
         return SimBackend(
             cfg.sim.gpus,
@@ -96,7 +96,7 @@ def make_backend(cfg: Config) -> GpuBackend:
             noise_c=cfg.sim.ambient_noise_c,
             seed=cfg.sim.seed,
         )
-    from sensors.nvml import NvmlBackend
+    from rackguard.sensors.nvml import NvmlBackend
 
     return NvmlBackend(indices=cfg.sensors.gpu_indices)
 
@@ -600,7 +600,7 @@ class Agent:
                 loop.add_signal_handler(sig, self.request_stop, sig.name)
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signal.SIGHUP, self.reload)
-        from sensors.base import SensorError
+        from rackguard.sensors.base import SensorError
 
         try:
             self.infos = await asyncio.to_thread(self.backend.open)
@@ -608,7 +608,7 @@ class Agent:
             self.log.error("backend_open_failed", backend=self.backend.name, error=str(exc))
             return 1
         try:
-            from sensors.host import HostSensor
+            from rackguard.sensors.host import HostSensor
 
             self._host = HostSensor()
         except Exception as exc:

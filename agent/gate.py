@@ -32,7 +32,7 @@ only decreases until it is under the limit again. Waiting requests are admitted
 first come, first served.
 
 The gate publishes cumulative counters on ``<node_topic>/gate/<gate_id>`` about
-every ``report_period_s`` (JSON, :class:`agent.messages.GateReport`); the agent
+every ``report_period_s`` (JSON, :class:`rackguard.agent.messages.GateReport`); the agent
 uses them for the GPUs' load and for energy per token.
 """
 
@@ -53,8 +53,8 @@ from typing import Any, Literal
 
 import aiomqtt
 
-from agent import log as logmod
-from agent.messages import GateReport, dump
+from rackguard.agent import log as logmod
+from rackguard.agent.messages import GateReport, dump
 
 TICK_S = 0.1  # how often the limit is re-checked against expiry
 Source = Literal["mqtt", "http", "safe"]

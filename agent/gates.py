@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 from pydantic import ValidationError
 
-from agent import log as logmod
-from agent.messages import GateReport
-from agent.metrics import Metrics
+from rackguard.agent import log as logmod
+from rackguard.agent.messages import GateReport
+from rackguard.agent.metrics import Metrics
 
 FORGET_AFTER_S = 600.0  # a gate silent this long is dropped from the table
 

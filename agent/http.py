@@ -15,7 +15,7 @@ from typing import Any
 
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from agent import log as logmod
+from rackguard.agent import log as logmod
 
 MAX_REQUEST_BYTES = 8192
 Route = Callable[[], tuple[int, str, bytes]]

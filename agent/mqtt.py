@@ -33,9 +33,9 @@ from paho.mqtt.client import topic_matches_sub
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent import log as logmod
-from agent.config import MqttConfig, NodeConfig
-from agent.outbox import MemoryOutbox, Outbox, OutMsg
+from rackguard.agent import log as logmod
+from rackguard.agent.config import MqttConfig, NodeConfig
+from rackguard.agent.outbox import MemoryOutbox, Outbox, OutMsg
 
 Handler = Callable[[str, bytes], None]
 PUBLISH_WINDOW = 64  # QoS 1 messages in flight at once while draining

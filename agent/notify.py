@@ -14,7 +14,7 @@ import socket
 import time
 from collections.abc import Mapping
 
-from agent import log as logmod
+from rackguard.agent import log as logmod
 
 
 class Notifier:

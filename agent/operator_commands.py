@@ -41,8 +41,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
-from agent import log as logmod
-from agent.config import CommandsConfig
+from rackguard.agent import log as logmod
+from rackguard.agent.config import CommandsConfig
 
 MAX_PAYLOAD_BYTES = 4096
 MAX_REMEMBERED_IDS = 10_000

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
 
-from agent import log as logmod
+from rackguard.agent import log as logmod
 
 Kind = Literal["telemetry", "alarm"]
 _DROPPED_KEY = "_dropped_total"  # a row of the counters table, beside the seq streams

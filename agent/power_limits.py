@@ -29,16 +29,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from agent import log as logmod
-from agent.metrics import Metrics
-from controllers.api import Decision
-from sensors.base import GpuInfo
+from rackguard.agent import log as logmod
+from rackguard.agent.metrics import Metrics
+from rackguard.controllers.api import Decision
+from rackguard.sensors.base import GpuInfo
 
 STATE_SCHEMA = "rackguard.power_limits/1"
 
 
 class PowerLimitDevice(Protocol):
-    """The NVML boundary (``sensors.nvml.NvmlBackend``; tests pass a fake)."""
+    """The NVML boundary (``rackguard.sensors.nvml.NvmlBackend``; tests pass a fake)."""
 
     def get_power_limit_w(self, index: int) -> float | None: ...
     def set_power_limit_w(self, index: int, watts: float) -> None: ...

@@ -15,8 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from agent import log as logmod
-from sensors.base import GpuBackend, GpuInfo, GpuLost, GpuSample
+from rackguard.agent import log as logmod
+from rackguard.sensors.base import GpuBackend, GpuInfo, GpuLost, GpuSample
 
 GpuStateName = Literal["ok", "lost"]
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from agent.messages import GpuTelemetry, Stat
-from agent.sensing import GpuState
+from rackguard.agent.messages import GpuTelemetry, Stat
+from rackguard.agent.sensing import GpuState
 
 _STAT_FIELDS = ("power_w", "gpu_temp_c", "mem_temp_c", "sm_clock_mhz", "util_pct")
 

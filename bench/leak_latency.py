@@ -28,11 +28,11 @@ import paho.mqtt.client as mqtt
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent import config as configmod
-from agent import log as logmod
-from agent.coolant import LeakEvent
-from agent.daemon import Agent
-from agent.mosquitto import Mosquitto, free_port
+from rackguard.agent import config as configmod
+from rackguard.agent import log as logmod
+from rackguard.agent.coolant import LeakEvent
+from rackguard.agent.daemon import Agent
+from rackguard.agent.mosquitto import Mosquitto, free_port
 
 TOPIC = "bms/bench/r1/leak"
 

@@ -34,8 +34,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sensors.base import SensorError
-from sensors.nvml import NvmlBackend
+from rackguard.sensors.base import SensorError
+from rackguard.sensors.nvml import NvmlBackend
 
 SMI_QUERY_FIELDS = "power.draw,temperature.gpu,temperature.memory,clocks.sm,utilization.gpu,power.limit,clocks_event_reasons.active"
 BASELINE = "nvml_slow"

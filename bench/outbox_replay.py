@@ -16,10 +16,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent import config as configmod
-from agent.mosquitto import Mosquitto, free_port
-from agent.mqtt import MqttLink, Topics, aiomqtt_factory
-from agent.outbox import OutMsg, SqliteOutbox
+from rackguard.agent import config as configmod
+from rackguard.agent.mosquitto import Mosquitto, free_port
+from rackguard.agent.mqtt import MqttLink, Topics, aiomqtt_factory
+from rackguard.agent.outbox import OutMsg, SqliteOutbox
 
 PAYLOAD = json.dumps({"seq": 0, "historical": False, "pad": "x" * 1500}).encode()  # ~ one 8-GPU window
 

@@ -2,7 +2,7 @@
 
 The agent converts its sensor snapshot into an :class:`Observation`, a controller
 returns a :class:`Decision` (one integer concurrency cap per GPU), and the
-:class:`~controllers.safety.SafetyLayer` may lower it further.
+:class:`~rackguard.controllers.safety.SafetyLayer` may lower it further.
 """
 
 from __future__ import annotations

@@ -10,8 +10,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-
-from controllers.api import Binding, Decision, Limits, Observation
+from rackguard.controllers.api import Binding, Decision, Limits, Observation
 
 
 def node_limit_w(limits: Limits, obs: Observation) -> tuple[float, Binding]:

@@ -2,7 +2,7 @@
 
 A scenario (TOML, see ``bench/scenarios/``) gives the plant, the offered load, coolant
 supply temperature and flow schedules, leak events, stale-sensor intervals and limits.
-Every controller's decision goes through the :class:`~controllers.safety.SafetyLayer`.
+Every controller's decision goes through the :class:`~rackguard.controllers.safety.SafetyLayer`.
 Leak events are delivered between ticks after ``leak_delay_s`` (the agent applies
 safety immediately on a leak message).
 
@@ -29,14 +29,13 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
-
-from controllers.api import Controller, Decision, Limits, Observation
-from controllers.baselines import PidController, ThresholdController
-from controllers.mpc import MpcController, MpcSettings
-from controllers.plant import Plant, PlantConfig, predict_max
-from controllers.power import PowerCurve, RequestTiming
-from controllers.safety import SafetyLayer
-from controllers.thermal import DEFAULT_PARAMS, ThermalParams
+from rackguard.controllers.api import Controller, Decision, Limits, Observation
+from rackguard.controllers.baselines import PidController, ThresholdController
+from rackguard.controllers.mpc import MpcController, MpcSettings
+from rackguard.controllers.plant import Plant, PlantConfig, predict_max
+from rackguard.controllers.power import PowerCurve, RequestTiming
+from rackguard.controllers.safety import SafetyLayer
+from rackguard.controllers.thermal import DEFAULT_PARAMS, ThermalParams
 
 FloatArray = NDArray[np.float64]
 

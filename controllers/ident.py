@@ -1,6 +1,6 @@
 """Online identification of the thermal gain and offset per GPU.
 
-The nominal RC model (:mod:`controllers.thermal`) is simulated from the measured power
+The nominal RC model (:mod:`rackguard.controllers.thermal`) is simulated from the measured power
 and flow; its rise over supply ``r`` is the regressor. Per GPU the measured rise obeys::
 
     T_meas − T_supply = gain·r + offset + noise

@@ -2,9 +2,9 @@
 
 Each step, per GPU:
 
-1. propagate the nominal RC model (:mod:`controllers.thermal`) with the measured power
-   and flow, and update the (gain, offset) tracker (:mod:`controllers.ident`) and the
-   power-vs-concurrency model (:mod:`controllers.power`);
+1. propagate the nominal RC model (:mod:`rackguard.controllers.thermal`) with the measured power
+   and flow, and update the (gain, offset) tracker (:mod:`rackguard.controllers.ident`) and the
+   power-vs-concurrency model (:mod:`rackguard.controllers.power`);
 2. predict die and HBM temperature over a horizon of ``horizon_steps`` × ``step_s``
    (default 30 s, two slow time constants) plus the steady state, anchored on the
    current estimate (offset-free) and with the gain's upper confidence bound for rises
@@ -33,11 +33,10 @@ from typing import get_args
 
 import numpy as np
 from numpy.typing import NDArray
-
-from controllers.api import Binding, Decision, Limits, Observation
-from controllers.ident import GainOffsetTracker
-from controllers.power import OnlinePowerModel, RequestTiming
-from controllers.thermal import DEFAULT_PARAMS, N_STATES, ThermalParams, discretize
+from rackguard.controllers.api import Binding, Decision, Limits, Observation
+from rackguard.controllers.ident import GainOffsetTracker
+from rackguard.controllers.power import OnlinePowerModel, RequestTiming
+from rackguard.controllers.thermal import DEFAULT_PARAMS, N_STATES, ThermalParams, discretize
 
 FloatArray = NDArray[np.float64]
 IntArray = NDArray[np.int64]

@@ -1,6 +1,6 @@
 """True-parameter plant for the benchmark harness: GPUs, power curve, coolant, sensors.
 
-The thermal model is the same RC ladder as :mod:`controllers.thermal` but with the
+The thermal model is the same RC ladder as :mod:`rackguard.controllers.thermal` but with the
 scenario's true parameters, simulated in small substeps. Served concurrency follows the
 cap like the inference server's gate (agent/gate.py): when the cap (or the offered load)
 rises, requests are admitted at once; when it falls, nothing is admitted and nothing is
@@ -17,10 +17,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from numpy.typing import NDArray
-
-from controllers.api import CoolantObs, GpuObs, Limits, Observation
-from controllers.power import PowerCurve, RequestTiming
-from controllers.thermal import N_STATES, ThermalParams, discretize
+from rackguard.controllers.api import CoolantObs, GpuObs, Limits, Observation
+from rackguard.controllers.power import PowerCurve, RequestTiming
+from rackguard.controllers.thermal import N_STATES, ThermalParams, discretize
 
 FloatArray = NDArray[np.float64]
 

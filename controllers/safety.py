@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 
-from controllers.api import Binding, Decision, Limits, Observation, Reason
+from rackguard.controllers.api import Binding, Decision, Limits, Observation, Reason
 
 
 class SafetyLayer:

@@ -1,6 +1,6 @@
 """Micro-benchmark of one control step: ``MpcController.step`` + ``SafetyLayer.apply``.
 
-Usage: ``python3 -m controllers.stepbench [--scenarios DIR] [--passes 3]``
+Usage: ``python3 -m rackguard.controllers.stepbench [--scenarios DIR] [--passes 3]``
 
 The observation streams are recorded once from closed-loop runs of the shipped scenarios
 (8 GPUs, 1 s tick; the plant driven by the MPC through the safety layer), then replayed
@@ -17,12 +17,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-
-from controllers.api import Observation
-from controllers.harness import _leak_state, make_controller, parse_scenario
-from controllers.mpc import MpcController
-from controllers.plant import Plant
-from controllers.safety import SafetyLayer
+from rackguard.controllers.api import Observation
+from rackguard.controllers.harness import _leak_state, make_controller, parse_scenario
+from rackguard.controllers.mpc import MpcController
+from rackguard.controllers.plant import Plant
+from rackguard.controllers.safety import SafetyLayer
 
 
 def record(path: Path) -> tuple[MpcController, list[Observation]]:

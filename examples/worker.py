@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
-from agent.gate import Gate, node_topic
+from rackguard.agent.gate import Gate, node_topic
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:

@@ -6,9 +6,9 @@ fake), and every ``NVMLError`` is translated here:
 - ``NOT_SUPPORTED`` / ``NO_PERMISSION`` / ``FUNCTION_NOT_FOUND`` on one field: the
   field is ``None``, and the backend remembers it per GPU and never asks again.
 - Any other error during a read (``GPU_IS_LOST``, ``UNKNOWN``, ``TIMEOUT``,
-  ``UNINITIALIZED``, ``DRIVER_NOT_LOADED``, ...): :class:`~sensors.base.GpuLost`.
+  ``UNINITIALIZED``, ``DRIVER_NOT_LOADED``, ...): :class:`~rackguard.sensors.base.GpuLost`.
 - Failures of ``nvmlInit`` or of the inventory, and failed power-limit writes:
-  :class:`~sensors.base.SensorError`.
+  :class:`~rackguard.sensors.base.SensorError`.
 
 All calls block (the slow ones, energy and field values, take 3-18 ms on an H100);
 call them from worker threads. Reads of different GPUs may run concurrently: the
@@ -26,8 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pynvml
-
-from sensors.base import (
+from rackguard.sensors.base import (
     GpuBackend,
     GpuInfo,
     GpuLost,

@@ -46,8 +46,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-
-from sensors.coolant import (
+from rackguard.sensors.coolant import (
     REDFISH_KEYS,
     WATER_CP_J_PER_KG_K,
     WATER_DENSITY_KG_PER_L,

@@ -14,7 +14,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
-from agent.mosquitto import Mosquitto, free_port
+from rackguard.agent.mosquitto import Mosquitto, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"

@@ -38,7 +38,7 @@ def register(sub: Any) -> None:
         help="override every scenario's noise seed (check a result is not one draw's luck)",
     )
     c.set_defaults(func=cmd_controllers)
-    from agent import benchagent
+    from rackguard.agent import benchagent
 
     benchagent.register(bsub)  # bench agent, bench fleet
     p.set_defaults(func=lambda args: _usage(p))
@@ -51,7 +51,7 @@ def _usage(parser: argparse.ArgumentParser) -> int:
 
 def cmd_controllers(args: argparse.Namespace) -> int:
     """Run every scenario × controller; print a table or JSON."""
-    from controllers.harness import CONTROLLERS, ScenarioError, bench_scenario, parse_scenario
+    from rackguard.controllers.harness import CONTROLLERS, ScenarioError, bench_scenario, parse_scenario
 
     plt: Any = None
     if args.plot is not None:

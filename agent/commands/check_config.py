@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from agent.commands.run import load_or_exit
+from rackguard.agent.commands.run import load_or_exit
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from agent import config as configmod
-from agent import log as logmod
-from agent.cli import EX_CONFIG
+from rackguard.agent import config as configmod
+from rackguard.agent import log as logmod
+from rackguard.agent.cli import EX_CONFIG
 
 # The embedded default: a simulated 8-GPU node whose CDU and leak tray publish like a BMS gateway.
 DEMO_CONFIG: dict[str, Any] = {
@@ -117,9 +117,9 @@ async def _consume(client: Any, raw: bool) -> None:
 
 
 async def _demo(cfg: configmod.Config, scenario: Any, seconds: float, raw: bool) -> int:
-    from agent.commands import sim_cdu
-    from agent.daemon import Agent
-    from agent.localbus import LocalBroker
+    from rackguard.agent.commands import sim_cdu
+    from rackguard.agent.daemon import Agent
+    from rackguard.agent.localbus import LocalBroker
 
     broker = LocalBroker()
     agent = Agent(cfg, client_factory=broker.client)
@@ -147,7 +147,7 @@ async def _demo(cfg: configmod.Config, scenario: Any, seconds: float, raw: bool)
 
 
 def main(args: argparse.Namespace) -> int:
-    from sensors.sim_cdu import Scenario
+    from rackguard.sensors.sim_cdu import Scenario
 
     try:
         if args.config is None:

@@ -34,7 +34,7 @@ def _usage(parser: argparse.ArgumentParser) -> int:
 
 def cmd_fit(args: argparse.Namespace) -> int:
     """Fit a trace; bad input gives a message on stderr and exit 2."""
-    from controllers.thermal import TraceError, fit_trace, parse_trace_csv
+    from rackguard.controllers.thermal import TraceError, fit_trace, parse_trace_csv
 
     path: Path = args.trace
     try:
@@ -76,7 +76,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 def cmd_defaults(args: argparse.Namespace) -> int:
     """Print the built-in parameters."""
-    from controllers.thermal import DEFAULT_PARAMS
+    from rackguard.controllers.thermal import DEFAULT_PARAMS
 
     params = DEFAULT_PARAMS.as_dict()
     if args.json:

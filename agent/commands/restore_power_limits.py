@@ -22,8 +22,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from agent import log as logmod
-    from agent.commands.run import load_or_exit
+    from rackguard.agent import log as logmod
+    from rackguard.agent.commands.run import load_or_exit
 
     if args.state_file is not None:
         path: Path = args.state_file
@@ -36,9 +36,9 @@ def main(args: argparse.Namespace) -> int:
         print(f"nothing to restore: {path} does not exist")
         return 0
     logmod.configure("info", "auto")
-    from agent.power_limits import restore
-    from sensors.base import SensorError
-    from sensors.nvml import NvmlBackend
+    from rackguard.agent.power_limits import restore
+    from rackguard.sensors.base import SensorError
+    from rackguard.sensors.nvml import NvmlBackend
 
     backend = NvmlBackend()
     try:

@@ -7,9 +7,9 @@ import asyncio
 import sys
 from pathlib import Path
 
-from agent import config as configmod
-from agent import log as logmod
-from agent.cli import EX_CONFIG
+from rackguard.agent import config as configmod
+from rackguard.agent import log as logmod
+from rackguard.agent.cli import EX_CONFIG
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -36,7 +36,7 @@ def main(args: argparse.Namespace) -> int:
     if isinstance(cfg, int):
         return cfg
     logmod.configure(cfg.log.level, cfg.log.format)
-    from agent.daemon import Agent
+    from rackguard.agent.daemon import Agent
 
     def reload() -> configmod.Config:
         """SIGHUP: the same file, validated again (raises ConfigError)."""

@@ -12,7 +12,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from agent.messages import schemas
+    from rackguard.agent.messages import schemas
 
     print(json.dumps(schemas(), indent=2))
     return 0

@@ -20,10 +20,10 @@ from pathlib import Path
 import aiomqtt
 from pydantic import ValidationError
 
-from agent import config as configmod
-from agent import log as logmod
-from agent.cli import EX_CONFIG
-from agent.mqtt import ClientFactory, ClientLike, Topics, aiomqtt_factory
+from rackguard.agent import config as configmod
+from rackguard.agent import log as logmod
+from rackguard.agent.cli import EX_CONFIG
+from rackguard.agent.mqtt import ClientFactory, ClientLike, Topics, aiomqtt_factory
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -44,8 +44,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from agent.commands.run import load_or_exit
-    from sensors.sim_cdu import Scenario
+    from rackguard.agent.commands.run import load_or_exit
+    from rackguard.sensors.sim_cdu import Scenario
 
     cfg = load_or_exit(args.config)
     if isinstance(cfg, int):
@@ -83,7 +83,7 @@ async def run(
     ``factory`` makes the MQTT clients (default: aiomqtt per ``cfg.mqtt``; the demo
     passes its in-process broker's).
     """
-    from sensors.sim_cdu import LoopParams, Scenario, SimCdu
+    from rackguard.sensors.sim_cdu import LoopParams, Scenario, SimCdu
 
     assert isinstance(scenario, Scenario)
     log = logmod.get("sim_cdu")

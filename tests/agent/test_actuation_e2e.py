@@ -22,9 +22,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent import config as configmod
-from agent.daemon import Agent
-from sensors.sim import SimBackend
+from rackguard.agent import config as configmod
+from rackguard.agent.daemon import Agent
+from rackguard.sensors.sim import SimBackend
 
 REPO = Path(__file__).resolve().parents[2]
 GPU_TEMP_MAX_C = 62.0
@@ -152,7 +152,7 @@ async def test_worker_obeys_cap_pump_failure_and_leak(broker: Any, subscriber: A
     tel = subscriber(broker, f"{base}/telemetry")
     task = asyncio.create_task(agent.run())
     env = {k: v for k, v in os.environ.items() if not k.startswith("RACKGUARD_")}
-    cdu_cmd = [sys.executable, "-m", "agent.cli", "sim-cdu", "--config", str(conf)]
+    cdu_cmd = [sys.executable, "-m", "rackguard.agent.cli", "sim-cdu", "--config", str(conf)]
     cdu = subprocess.Popen(
         [*cdu_cmd, "--scenario", str(scenario), "--period-s", "0.25"],
         cwd=REPO,
@@ -237,7 +237,7 @@ port = 0
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("RACKGUARD_")}
     agent = subprocess.Popen(
-        [sys.executable, "-m", "agent.cli", "run", "--config", str(conf)],
+        [sys.executable, "-m", "rackguard.agent.cli", "run", "--config", str(conf)],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,

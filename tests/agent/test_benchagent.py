@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from agent.benchagent import extrapolate, parse_hostport, percentile_ms, traffic
+from rackguard.agent.benchagent import extrapolate, parse_hostport, percentile_ms, traffic
 
 AGENT_KEYS = (
     "cpu_pct_one_core",
@@ -28,7 +28,7 @@ AGENT_KEYS = (
 
 def bench(*args: str, timeout_s: float = 120) -> dict[str, Any]:
     r = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "bench", *args, "--json"],
+        [sys.executable, "-m", "rackguard.agent.cli", "bench", *args, "--json"],
         capture_output=True,
         text=True,
         timeout=timeout_s,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import config as configmod
+from rackguard.agent import config as configmod
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -18,7 +18,7 @@ def run_check(path: Path, env: dict[str, str] | None = None) -> subprocess.Compl
     e = {k: v for k, v in os.environ.items() if not k.startswith("RACKGUARD_")}
     e.update(env or {})
     return subprocess.run(
-        [sys.executable, "-m", "agent.cli", "check-config", str(path)],
+        [sys.executable, "-m", "rackguard.agent.cli", "check-config", str(path)],
         capture_output=True,
         text=True,
         env=e,

@@ -11,13 +11,13 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
-from agent import config as configmod
-from agent.coolant import CoolantMonitor, LeakEvent
-from agent.daemon import Agent
-from agent.messages import NodeId, Telemetry
-from agent.metrics import Metrics
-from agent.outbox import OutMsg
-from sensors.sim import SimBackend
+from rackguard.agent import config as configmod
+from rackguard.agent.coolant import CoolantMonitor, LeakEvent
+from rackguard.agent.daemon import Agent
+from rackguard.agent.messages import NodeId, Telemetry
+from rackguard.agent.metrics import Metrics
+from rackguard.agent.outbox import OutMsg
+from rackguard.sensors.sim import SimBackend
 
 BASE = "rackguard/demo/r1/n1"
 CDU_TOPIC = "bms/demo/r1/cdu"

@@ -13,12 +13,19 @@ import aiomqtt
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent import config as configmod
-from agent.coolant import CoolantMonitor
-from agent.messages import NodeId
-from agent.metrics import Metrics
-from agent.mqtt import MqttLink, Topics, aiomqtt_factory
-from sensors.coolant import LEAK_SEVERITY, MAX_PAYLOAD_BYTES, CduSensor, LeakSensor, Reading, Rejected
+from rackguard.agent import config as configmod
+from rackguard.agent.coolant import CoolantMonitor
+from rackguard.agent.messages import NodeId
+from rackguard.agent.metrics import Metrics
+from rackguard.agent.mqtt import MqttLink, Topics, aiomqtt_factory
+from rackguard.sensors.coolant import (
+    LEAK_SEVERITY,
+    MAX_PAYLOAD_BYTES,
+    CduSensor,
+    LeakSensor,
+    Reading,
+    Rejected,
+)
 
 NOW_S = 1_700_000_000.0
 P = "bms/f"

@@ -17,9 +17,9 @@ from typing import Any
 import paho.mqtt.client as paho
 import pytest
 
-from agent import config as configmod
-from agent.daemon import Agent
-from sensors.sim import SimBackend
+from rackguard.agent import config as configmod
+from rackguard.agent.daemon import Agent
+from rackguard.sensors.sim import SimBackend
 from tests.agent.test_resilience import Consumer, assert_no_gaps
 from tests.conftest import Broker, BrokerFactory
 

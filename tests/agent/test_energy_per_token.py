@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from agent.config import ConfigError, validate
-from agent.energy import EnergyMeter
-from agent.gates import GateTracker
+from rackguard.agent.config import ConfigError, validate
+from rackguard.agent.energy import EnergyMeter
+from rackguard.agent.gates import GateTracker
 
 
 def report(gate_id: str, *, gpu: int | None, in_flight: int, completed: int, tokens: int) -> bytes:

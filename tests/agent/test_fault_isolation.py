@@ -8,11 +8,11 @@ import json
 import pynvml as real
 import pytest
 
-from agent import config as configmod
-from agent.daemon import Agent
-from agent.messages import Telemetry
-from sensors import nvml
-from sensors.nvml import NvmlBackend
+from rackguard.agent import config as configmod
+from rackguard.agent.daemon import Agent
+from rackguard.agent.messages import Telemetry
+from rackguard.sensors import nvml
+from rackguard.sensors.nvml import NvmlBackend
 from tests.sensors.fake_pynvml import FakeNvml, h100s
 
 

@@ -6,8 +6,8 @@ import asyncio
 import json
 import time
 
-from agent.gate import Gate
-from agent.http import HttpServer, json_response
+from rackguard.agent.gate import Gate
+from rackguard.agent.http import HttpServer, json_response
 from tests.conftest import free_port
 
 

@@ -9,11 +9,11 @@ import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent import config as configmod
-from agent.daemon import Agent
-from agent.localbus import LocalBroker
-from agent.mosquitto import free_port
-from sensors.sim import SimBackend
+from rackguard.agent import config as configmod
+from rackguard.agent.daemon import Agent
+from rackguard.agent.localbus import LocalBroker
+from rackguard.agent.mosquitto import free_port
+from rackguard.sensors.sim import SimBackend
 
 
 def cfg() -> configmod.Config:

@@ -11,11 +11,11 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
-from agent import config as configmod
-from agent.config import CommandsConfig
-from agent.daemon import Agent
-from agent.operator_commands import Actions, CommandProcessor, sign, signed_payload
-from sensors.sim import SimBackend
+from rackguard.agent import config as configmod
+from rackguard.agent.config import CommandsConfig
+from rackguard.agent.daemon import Agent
+from rackguard.agent.operator_commands import Actions, CommandProcessor, sign, signed_payload
+from rackguard.sensors.sim import SimBackend
 
 SECRET = "s3cret-for-tests"
 BASE = "rackguard/t/r1/cmd-node"

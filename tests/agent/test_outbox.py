@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import OutboxConfig
-from agent.outbox import MemoryOutbox, Outbox, OutMsg, SqliteOutbox, open_outbox
+from rackguard.agent.config import OutboxConfig
+from rackguard.agent.outbox import MemoryOutbox, Outbox, OutMsg, SqliteOutbox, open_outbox
 
 REPO = Path(__file__).resolve().parents[2]
 Factory = Callable[[int], Outbox]
@@ -98,7 +98,7 @@ def test_sqlite_loses_nothing_on_sigkill(tmp_path: Path) -> None:
     code = textwrap.dedent(f"""
         import sys
         from pathlib import Path
-        from agent.outbox import SqliteOutbox, OutMsg
+        from rackguard.agent.outbox import SqliteOutbox, OutMsg
         box = SqliteOutbox(Path({str(path)!r}), 1_000_000)
         n = 0
         while True:

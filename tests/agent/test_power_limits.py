@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from agent import config as configmod
-from agent.commands import restore_power_limits
-from agent.daemon import Agent
-from agent.localbus import LocalBroker
-from agent.power_limits import PowerLimitActuator, PowerLimitError, load_state, restore
-from controllers.api import Decision
-from sensors.base import GpuInfo, SensorError
-from sensors.sim import SimBackend
+from rackguard.agent import config as configmod
+from rackguard.agent.commands import restore_power_limits
+from rackguard.agent.daemon import Agent
+from rackguard.agent.localbus import LocalBroker
+from rackguard.agent.power_limits import PowerLimitActuator, PowerLimitError, load_state, restore
+from rackguard.controllers.api import Decision
+from rackguard.sensors.base import GpuInfo, SensorError
+from rackguard.sensors.sim import SimBackend
 
 INFOS = [
     GpuInfo(index=i, uuid=f"GPU-{i}", name="fake", power_limit_min_w=200.0, power_limit_max_w=700.0)

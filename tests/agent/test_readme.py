@@ -29,7 +29,11 @@ def test_readme_demo_command_shows_live_readings() -> None:
     assert cmd[0] == "rackguard"
     args = [a if a != "60" else "4" for a in cmd[1:]]  # same command, shorter run
     r = subprocess.run(
-        [sys.executable, "-m", "agent.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "rackguard.agent.cli", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert r.returncode == 0, r.stderr
     assert "status: online (8 GPUs" in r.stdout
@@ -46,7 +50,7 @@ def test_readme_test_command_is_what_ci_runs() -> None:
 def test_readme_toml_examples_are_valid_config() -> None:
     import tomllib
 
-    from agent import config as configmod
+    from rackguard.agent import config as configmod
 
     text = (REPO / "README.md").read_text()
     blocks = re.findall(r"```toml\n(.*?)```", text, re.S)

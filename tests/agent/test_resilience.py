@@ -25,10 +25,10 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent import config as configmod
-from agent.daemon import Agent
-from agent.mqtt import MqttLink, Topics, aiomqtt_factory
-from agent.outbox import OutMsg, SqliteOutbox
+from rackguard.agent import config as configmod
+from rackguard.agent.daemon import Agent
+from rackguard.agent.mqtt import MqttLink, Topics, aiomqtt_factory
+from rackguard.agent.outbox import OutMsg, SqliteOutbox
 from tests.conftest import Broker, BrokerFactory
 
 REPO = Path(__file__).resolve().parents[2]
@@ -130,7 +130,7 @@ def write_config(tmp_path: Path, broker: Broker, **sections: dict[str, Any]) -> 
 def start_agent(config: Path, log: Path) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RACKGUARD_", "STATE_DIRECTORY"))}
     return subprocess.Popen(
-        [sys.executable, "-m", "agent.cli", "run", "--config", str(config)],
+        [sys.executable, "-m", "rackguard.agent.cli", "run", "--config", str(config)],
         cwd=REPO,
         env=env,
         stdout=log.open("ab"),

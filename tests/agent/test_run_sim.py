@@ -19,7 +19,7 @@ def test_sim_node_publishes_birth_telemetry_and_offline(broker, subscriber) -> N
     env = {k: v for k, v in os.environ.items() if not k.startswith("RACKGUARD_")}
     env |= {"RACKGUARD_MQTT__PORT": str(broker.port), "RACKGUARD_MQTT__HOST": broker.host}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "agent.cli", "run", "--config", "examples/sim.toml"],
+        [sys.executable, "-m", "rackguard.agent.cli", "run", "--config", "examples/sim.toml"],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,

@@ -17,9 +17,9 @@ from typing import Any
 import paho.mqtt.client as paho
 import pytest
 
-from agent import config as configmod
-from agent import log as logmod
-from agent.daemon import Agent
+from rackguard.agent import config as configmod
+from rackguard.agent import log as logmod
+from rackguard.agent.daemon import Agent
 from tests.conftest import Broker, BrokerFactory
 
 REPO = Path(__file__).resolve().parents[2]
@@ -289,7 +289,7 @@ def test_secrets_not_in_check_config_print(tmp_path: Path) -> None:
     cfg.write_text(f'[mqtt]\nusername = "u"\npassword_file = "{pw}"\n')
     env = {k: v for k, v in os.environ.items() if not k.startswith("RACKGUARD_")}
     r = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "check-config", "--print", str(cfg)],
+        [sys.executable, "-m", "rackguard.agent.cli", "check-config", "--print", str(cfg)],
         capture_output=True,
         text=True,
         cwd=REPO,

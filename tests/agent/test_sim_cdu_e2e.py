@@ -19,8 +19,8 @@ def test_pump_failure_shows_in_telemetry(broker: Any, subscriber: Any, tmp_path:
     sub = subscriber(broker, f"{BASE}/telemetry")
     env = {k: v for k, v in os.environ.items() if not k.startswith("RACKGUARD_")}
     env |= {"RACKGUARD_MQTT__PORT": str(broker.port), "RACKGUARD_MQTT__HOST": broker.host}
-    agent_cmd = [sys.executable, "-m", "agent.cli", "run", "--config", "examples/sim.toml"]
-    cdu_cmd = [sys.executable, "-m", "agent.cli", "sim-cdu", "--config", "examples/sim.toml"]
+    agent_cmd = [sys.executable, "-m", "rackguard.agent.cli", "run", "--config", "examples/sim.toml"]
+    cdu_cmd = [sys.executable, "-m", "rackguard.agent.cli", "sim-cdu", "--config", "examples/sim.toml"]
     cdu_cmd += ["--scenario", str(scenario), "--period-s", "0.25"]
     procs = [
         subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

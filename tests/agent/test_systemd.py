@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from agent import config as configmod
-from agent.daemon import Agent, split_reload
-from agent.notify import Notifier
+from rackguard.agent import config as configmod
+from rackguard.agent.daemon import Agent, split_reload
+from rackguard.agent.notify import Notifier
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -111,7 +111,7 @@ def test_daemon_ready_watchdog_status_and_sighup_reload(
     env.update(NOTIFY_SOCKET=path, WATCHDOG_USEC="1000000", STATE_DIRECTORY=str(tmp_path / "state"))
     log = tmp_path / "agent.log"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "agent.cli", "run", "--config", str(cfg)],
+        [sys.executable, "-m", "rackguard.agent.cli", "run", "--config", str(cfg)],
         cwd=REPO,
         env=env,
         stdout=log.open("wb"),
@@ -244,8 +244,8 @@ def test_unit_passes_systemd_analyze() -> None:
 
 async def test_reload_applies_control_limits_live() -> None:
     """A SIGHUP that lowers control.max_cap takes effect without a restart, models kept."""
-    from agent.localbus import LocalBroker
-    from sensors.sim import SimBackend
+    from rackguard.agent.localbus import LocalBroker
+    from rackguard.sensors.sim import SimBackend
 
     base = {
         "node": {"name": "reload"},

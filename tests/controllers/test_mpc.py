@@ -10,13 +10,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from controllers.api import CoolantObs, GpuObs, Limits, Observation
-from controllers.harness import parse_scenario, run
-from controllers.mpc import MpcController
-from controllers.plant import Plant, PlantConfig
-from controllers.power import PowerCurve
-from controllers.safety import SafetyLayer
-from controllers.thermal import DEFAULT_PARAMS
+from rackguard.controllers.api import CoolantObs, GpuObs, Limits, Observation
+from rackguard.controllers.harness import parse_scenario, run
+from rackguard.controllers.mpc import MpcController
+from rackguard.controllers.plant import Plant, PlantConfig
+from rackguard.controllers.power import PowerCurve
+from rackguard.controllers.safety import SafetyLayer
+from rackguard.controllers.thermal import DEFAULT_PARAMS
 
 SCENARIOS = sorted((Path(__file__).resolve().parents[2] / "bench" / "scenarios").glob("*.toml"))
 
@@ -213,7 +213,7 @@ def test_slow_hbm_does_not_bind_far_from_its_limit() -> None:
 
 
 def test_gain_clip_keeps_the_estimate() -> None:
-    from controllers.ident import GainOffsetTracker
+    from rackguard.controllers.ident import GainOffsetTracker
 
     tr = GainOffsetTracker(1)
     r = np.array([20.0])
@@ -225,8 +225,8 @@ def test_gain_clip_keeps_the_estimate() -> None:
 
 def test_mpc_respects_a_lowered_max_cap() -> None:
     """A config reload may lower max_cap: the held caps must follow at once."""
-    from controllers.api import CoolantObs, GpuObs, Limits, Observation
-    from controllers.mpc import MpcController
+    from rackguard.controllers.api import CoolantObs, GpuObs, Limits, Observation
+    from rackguard.controllers.mpc import MpcController
 
     mpc = MpcController(Limits(), 2)
     caps = (1, 1)

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from controllers.api import CoolantObs, GpuObs, Limits, Observation
-from controllers.baselines import PidController, ThresholdController
-from controllers.harness import ScenarioError, parse_scenario, run
-from controllers.power import CONSERVATIVE_CURVE, OnlinePowerModel, PowerCurve
+from rackguard.controllers.api import CoolantObs, GpuObs, Limits, Observation
+from rackguard.controllers.baselines import PidController, ThresholdController
+from rackguard.controllers.harness import ScenarioError, parse_scenario, run
+from rackguard.controllers.power import CONSERVATIVE_CURVE, OnlinePowerModel, PowerCurve
 
 SCENARIO_DIR = Path(__file__).resolve().parents[2] / "bench" / "scenarios"
 
@@ -83,7 +83,7 @@ def test_leak_scenario_all_controllers_cap_quickly() -> None:
 
 
 def _bench(argv: list[str]) -> int:
-    from agent.commands import bench
+    from rackguard.agent.commands import bench
 
     parser = argparse.ArgumentParser(prog="rackguard")
     bench.register(parser.add_subparsers())

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from controllers.power import OnlinePowerModel
+from rackguard.controllers.power import OnlinePowerModel
 
 
 def _bisect(model: OnlinePowerModel, p: np.ndarray, lo: int, hi: int) -> np.ndarray:

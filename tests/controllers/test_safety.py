@@ -7,8 +7,8 @@ import time
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from controllers.api import CoolantObs, Decision, GpuObs, Limits, Observation
-from controllers.safety import SafetyLayer
+from rackguard.controllers.api import CoolantObs, Decision, GpuObs, Limits, Observation
+from rackguard.controllers.safety import SafetyLayer
 
 LIM = Limits()
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from controllers.thermal import (
+from rackguard.controllers.thermal import (
     DEFAULT_PARAMS,
     TraceError,
     discretize,
@@ -97,7 +97,7 @@ def test_parse_rejects_bad_traces(text: str, message: str) -> None:
 def _cli(argv: list[str]) -> int:
     import argparse
 
-    from agent.commands import model
+    from rackguard.agent.commands import model
 
     parser = argparse.ArgumentParser(prog="rackguard")
     model.register(parser.add_subparsers())
@@ -131,7 +131,7 @@ def test_cli_fit_bad_input_exits_2(
 def test_numpy_expm_matches_scipy(flow_lpm: float | None, dt_s: float, scale: float) -> None:
     """The daemon's numpy expm gives scipy's discretisation (ZOH block matrix, 4×4)."""
     scipy_linalg = pytest.importorskip("scipy.linalg")
-    from controllers.thermal import N_STATES, continuous_matrices, expm
+    from rackguard.controllers.thermal import N_STATES, continuous_matrices, expm
 
     params = DEFAULT_PARAMS.scaled(scale)
     for tau_die_s in (params.tau_die_s, 2.0):
@@ -152,6 +152,6 @@ def test_daemon_does_not_load_scipy() -> None:
     import subprocess
     import sys
 
-    code = "import agent.daemon, controllers.mpc, controllers.harness, sys; print('scipy' in sys.modules)"
+    code = "import rackguard.agent.daemon, rackguard.controllers.mpc, rackguard.controllers.harness, sys; print('scipy' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

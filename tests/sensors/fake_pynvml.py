@@ -1,6 +1,6 @@
 """A fake ``pynvml`` module: N GPUs in memory, at the hardware boundary.
 
-Install it with ``monkeypatch.setattr(sensors.nvml, "pynvml", FakeNvml([...]))``.
+Install it with ``monkeypatch.setattr(rackguard.sensors.nvml, "pynvml", FakeNvml([...]))``.
 Constants, ctypes structs and exception classes come from the real ``pynvml``
 package, so the backend's error translation is exercised with the genuine
 ``NVMLError_GpuIsLost`` & co.

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from pydantic import TypeAdapter
 
-from sensors.coolant import (
+from rackguard.sensors.coolant import (
     MAX_PAYLOAD_BYTES,
     CoolantSensor,
     Reading,

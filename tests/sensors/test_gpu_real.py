@@ -13,8 +13,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from sensors.base import GpuInfo, SensorError
-from sensors.nvml import NvmlBackend
+from rackguard.sensors.base import GpuInfo, SensorError
+from rackguard.sensors.nvml import NvmlBackend
 
 pytestmark = pytest.mark.gpu
 

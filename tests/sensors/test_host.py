@@ -9,8 +9,8 @@ from typing import NamedTuple
 import psutil
 import pytest
 
-from sensors import host
-from sensors.host import HostSample, HostSensor
+from rackguard.sensors import host
+from rackguard.sensors.host import HostSample, HostSensor
 
 
 class Temp(NamedTuple):  # the shape of psutil.sensors_temperatures() entries

@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sensors import nvml
-from sensors.base import GpuLost, SensorError, decode_clock_events
-from sensors.nvml import NvmlBackend
+from rackguard.sensors import nvml
+from rackguard.sensors.base import GpuLost, SensorError, decode_clock_events
+from rackguard.sensors.nvml import NvmlBackend
 from tests.sensors.fake_pynvml import FakeGpu, FakeNvml, h100s
 
 ALL_ERROR_CODES = sorted({getattr(real, n) for n in dir(real) if n.startswith("NVML_ERROR_")})

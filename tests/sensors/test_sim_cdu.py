@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from agent import config as configmod
-from sensors.coolant import Reading, Rejected, parse
-from sensors.sim_cdu import CoolantLoop, Scenario, SimCdu
+from rackguard.agent import config as configmod
+from rackguard.sensors.coolant import Reading, Rejected, parse
+from rackguard.sensors.sim_cdu import CoolantLoop, Scenario, SimCdu
 
 REPO = Path(__file__).resolve().parents[2]
 NOW_S = 1_700_000_000.0
