@@ -29,7 +29,8 @@ from pydantic import (
     model_validator,
 )
 
-from rackguard.sensors.coolant import WATER_CP_J_PER_KG_K, WATER_DENSITY_KG_PER_L, CoolantSensor
+from rackguard.physics import WATER_CP_J_PER_KG_K, WATER_DENSITY_KG_PER_L
+from rackguard.sensors.coolant import CoolantSensor
 
 ENV_PREFIX = "RACKGUARD_"
 _TOPIC_SAFE = re.compile(r"^[A-Za-z0-9_.-]+$")

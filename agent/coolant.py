@@ -27,6 +27,7 @@ from rackguard.agent.config import CoolantConfig
 from rackguard.agent.messages import Alarm, CoolantSensorTelemetry, CoolantTelemetry, NodeId, dump
 from rackguard.agent.metrics import Metrics
 from rackguard.agent.outbox import OutMsg
+from rackguard.physics import flow_required_lpm
 from rackguard.sensors.coolant import (
     LEAK_SEVERITY,
     CoolantSensor,
@@ -35,7 +36,6 @@ from rackguard.sensors.coolant import (
     LeakState,
     Reading,
     Rejected,
-    flow_required_lpm,
     heat_removed_w,
     parse,
     quantities,

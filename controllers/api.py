@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+from rackguard.physics import WATER_CP_J_PER_KG_K, WATER_DENSITY_KG_PER_L, heat_w
+
 
 @dataclass(frozen=True, slots=True)
 class GpuObs:
@@ -92,8 +94,8 @@ class Limits:
     margin_c: float = 2.0
     node_power_budget_w: float | None = None
     design_delta_t_c: float = 10.0
-    coolant_cp_j_per_kg_k: float = 4186.0
-    coolant_density_kg_per_l: float = 0.997
+    coolant_cp_j_per_kg_k: float = WATER_CP_J_PER_KG_K
+    coolant_density_kg_per_l: float = WATER_DENSITY_KG_PER_L
     min_cap: int = 1
     max_cap: int = 256
     safe_cap: int = 8
@@ -110,8 +112,12 @@ class Limits:
         Returns:
             The heat in watts.
         """
-        mass_flow_kg_per_s = max(flow_lpm, 0.0) / 60.0 * self.coolant_density_kg_per_l
-        return mass_flow_kg_per_s * self.coolant_cp_j_per_kg_k * self.design_delta_t_c
+        return heat_w(
+            flow_lpm,
+            self.design_delta_t_c,
+            cp_j_per_kg_k=self.coolant_cp_j_per_kg_k,
+            density_kg_per_l=self.coolant_density_kg_per_l,
+        )
 
 
 Reason = Literal["mpc", "leak", "stale", "thermal", "gpu_lost", "manual"]

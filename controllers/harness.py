@@ -29,13 +29,14 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
+
 from rackguard.controllers.api import Controller, Decision, Limits, Observation
 from rackguard.controllers.baselines import PidController, ThresholdController
 from rackguard.controllers.mpc import MpcController, MpcSettings
-from rackguard.controllers.plant import Plant, PlantConfig, predict_max
 from rackguard.controllers.power import PowerCurve, RequestTiming
 from rackguard.controllers.safety import SafetyLayer
 from rackguard.controllers.thermal import DEFAULT_PARAMS, ThermalParams
+from rackguard.sim.plant import Plant, PlantConfig, predict_max
 
 FloatArray = NDArray[np.float64]
 

@@ -33,6 +33,7 @@ from typing import get_args
 
 import numpy as np
 from numpy.typing import NDArray
+
 from rackguard.controllers.api import Binding, Decision, Limits, Observation
 from rackguard.controllers.ident import GainOffsetTracker
 from rackguard.controllers.power import OnlinePowerModel, RequestTiming

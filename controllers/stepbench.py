@@ -17,11 +17,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+
 from rackguard.controllers.api import Observation
 from rackguard.controllers.harness import _leak_state, make_controller, parse_scenario
 from rackguard.controllers.mpc import MpcController
-from rackguard.controllers.plant import Plant
 from rackguard.controllers.safety import SafetyLayer
+from rackguard.sim.plant import Plant
 
 
 def record(path: Path) -> tuple[MpcController, list[Observation]]:

@@ -32,6 +32,8 @@ from typing import Annotated, Any, Final, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from rackguard.physics import heat_w
+
 MAX_PAYLOAD_BYTES: Final = 64 * 1024
 
 Quantity = Literal["supply_temp_c", "return_temp_c", "flow_lpm", "diff_pressure_kpa"]
@@ -469,13 +471,7 @@ def parse(
         return Rejected(sensor.id, "malformed", f"{type(exc).__name__}: {exc}"[:200])
 
 
-# -- derived physics ---------------------------------------------------------------------
-WATER_CP_J_PER_KG_K: Final = 4186.0
-WATER_DENSITY_KG_PER_L: Final = 0.997
-
-
-def mass_flow_kg_per_s(flow_lpm: float, density_kg_per_l: float) -> float:
-    return flow_lpm / 60.0 * density_kg_per_l
+# -- derived physics (rackguard.physics) --------------------------------------------------
 
 
 def heat_removed_w(
@@ -487,14 +483,12 @@ def heat_removed_w(
     density_kg_per_l: float,
 ) -> float:
     """Heat the coolant carries away: ṁ·cp·(T_return − T_supply)."""
-    return mass_flow_kg_per_s(flow_lpm, density_kg_per_l) * cp_j_per_kg_k * (return_temp_c - supply_temp_c)
-
-
-def flow_required_lpm(
-    power_w: float, *, design_delta_t_c: float, cp_j_per_kg_k: float, density_kg_per_l: float
-) -> float:
-    """Flow that removes ``power_w`` with the design supply→return rise: P / (ρ·cp·ΔT)."""
-    return power_w / (density_kg_per_l * cp_j_per_kg_k * design_delta_t_c) * 60.0
+    return heat_w(
+        flow_lpm,
+        return_temp_c - supply_temp_c,
+        cp_j_per_kg_k=cp_j_per_kg_k,
+        density_kg_per_l=density_kg_per_l,
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pynvml
+
 from rackguard.sensors.base import (
     GpuBackend,
     GpuInfo,

@@ -24,8 +24,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from rackguard.physics import WATER_CP_J_PER_KG_K, WATER_DENSITY_KG_PER_L, mass_flow_kg_per_s
 from rackguard.sensors.base import GpuBackend, GpuInfo, GpuLost, GpuSample, GpuThresholds
-from rackguard.sensors.coolant import WATER_CP_J_PER_KG_K, WATER_DENSITY_KG_PER_L, mass_flow_kg_per_s
 
 
 @dataclass(frozen=True, slots=True)

@@ -147,7 +147,7 @@ async def _demo(cfg: configmod.Config, scenario: Any, seconds: float, raw: bool)
 
 
 def main(args: argparse.Namespace) -> int:
-    from rackguard.sensors.sim_cdu import Scenario
+    from rackguard.sim.cdu import Scenario
 
     try:
         if args.config is None:

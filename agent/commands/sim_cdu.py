@@ -45,7 +45,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from rackguard.agent.commands.run import load_or_exit
-    from rackguard.sensors.sim_cdu import Scenario
+    from rackguard.sim.cdu import Scenario
 
     cfg = load_or_exit(args.config)
     if isinstance(cfg, int):
@@ -83,7 +83,7 @@ async def run(
     ``factory`` makes the MQTT clients (default: aiomqtt per ``cfg.mqtt``; the demo
     passes its in-process broker's).
     """
-    from rackguard.sensors.sim_cdu import LoopParams, Scenario, SimCdu
+    from rackguard.sim.cdu import LoopParams, Scenario, SimCdu
 
     assert isinstance(scenario, Scenario)
     log = logmod.get("sim_cdu")

@@ -13,10 +13,10 @@ from hypothesis import strategies as st
 from rackguard.controllers.api import CoolantObs, GpuObs, Limits, Observation
 from rackguard.controllers.harness import parse_scenario, run
 from rackguard.controllers.mpc import MpcController
-from rackguard.controllers.plant import Plant, PlantConfig
 from rackguard.controllers.power import PowerCurve
 from rackguard.controllers.safety import SafetyLayer
 from rackguard.controllers.thermal import DEFAULT_PARAMS
+from rackguard.sim.plant import Plant, PlantConfig
 
 SCENARIOS = sorted((Path(__file__).resolve().parents[2] / "bench" / "scenarios").glob("*.toml"))
 

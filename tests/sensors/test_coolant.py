@@ -9,12 +9,12 @@ from typing import Any
 import pytest
 from pydantic import TypeAdapter
 
+from rackguard.physics import flow_required_lpm
 from rackguard.sensors.coolant import (
     MAX_PAYLOAD_BYTES,
     CoolantSensor,
     Reading,
     Rejected,
-    flow_required_lpm,
     heat_removed_w,
     parse,
 )

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from numpy.typing import NDArray
+
 from rackguard.controllers.api import CoolantObs, GpuObs, Limits, Observation
 from rackguard.controllers.power import PowerCurve, RequestTiming
 from rackguard.controllers.thermal import N_STATES, ThermalParams, discretize

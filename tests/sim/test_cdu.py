@@ -1,4 +1,4 @@
-"""sensors/sim_cdu.py: loop physics, the fault schedule, and payloads that the real parser accepts."""
+"""sim/cdu.py: loop physics, the fault schedule, and payloads that the real parser accepts."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from rackguard.agent import config as configmod
 from rackguard.sensors.coolant import Reading, Rejected, parse
-from rackguard.sensors.sim_cdu import CoolantLoop, Scenario, SimCdu
+from rackguard.sim.cdu import CoolantLoop, Scenario, SimCdu
 
 REPO = Path(__file__).resolve().parents[2]
 NOW_S = 1_700_000_000.0

@@ -46,10 +46,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from rackguard.physics import WATER_CP_J_PER_KG_K, WATER_DENSITY_KG_PER_L, heat_w
 from rackguard.sensors.coolant import (
     REDFISH_KEYS,
-    WATER_CP_J_PER_KG_K,
-    WATER_DENSITY_KG_PER_L,
     CduSensor,
     CoolantSensor,
     LeakSensor,
@@ -158,9 +158,14 @@ class CoolantLoop:
     def diff_pressure_kpa(self) -> float:
         return self.p.nominal_dp_kpa * (self.flow_lpm / self.p.nominal_flow_lpm) ** 2
 
-    def return_target_c(self, heat_w: float) -> float:
-        mdot_cp = max(self.flow_lpm, 1e-3) / 60.0 * self.p.density_kg_per_l * self.p.cp_j_per_kg_k
-        return min(self.p.max_return_temp_c, self.supply_temp_c + max(0.0, heat_w) / mdot_cp)
+    def return_target_c(self, load_w: float) -> float:
+        per_k_w = heat_w(
+            max(self.flow_lpm, 1e-3),
+            1.0,
+            cp_j_per_kg_k=self.p.cp_j_per_kg_k,
+            density_kg_per_l=self.p.density_kg_per_l,
+        )
+        return min(self.p.max_return_temp_c, self.supply_temp_c + max(0.0, load_w) / per_k_w)
 
     def step(self, dt_s: float, heat_w: float) -> None:
         """Advance ``dt_s`` seconds with ``heat_w`` going into the coolant."""
