@@ -6,7 +6,7 @@ this process. A separate paho client thread plays the BMS gateway: it publishes
 publish call until the Agent's ``on_leak`` hook runs; then it publishes ``OK``
 (``leak_clear = "auto"``) and waits for the clear, and repeats.
 
-    python3 bench/leak_latency.py [--events 1000] [--port PORT]
+    python3 -m rackguard.bench.leak_latency [--events 1000] [--port PORT]
 
 Without ``--port`` it starts its own mosquitto on a free loopback port.
 """
@@ -25,8 +25,6 @@ import time
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rackguard.agent import config as configmod
 from rackguard.agent import log as logmod

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Cost of one GPU sample: NvmlBackend vs. spawning nvidia-smi.
 
 Compares, per GPU sample (medians over ``--n`` repetitions, methods interleaved):
@@ -13,9 +12,9 @@ plus, for the subprocesses, the children's user+system time from
 ``resource.getrusage(RUSAGE_CHILDREN)``. One nvidia-smi run covers every GPU, so its
 cost is divided by the GPU count, as is one NVML sweep over all GPUs.
 
-Usage (from the repo root)::
+Usage::
 
-    PYTHONPATH=. python3 bench/nvml_vs_smi.py --n 50 [--json]
+    python3 -m rackguard.bench.nvml_vs_smi --n 50 [--json]
 
 Read-only: changes no GPU setting.
 """

@@ -1,7 +1,7 @@
 """Outbox figures for BENCHMARKS.md ("## Outbox"): put cost per fsync policy, and replay throughput
 through a local mosquitto with the rate limiter out of the way.
 
-    python3 bench/outbox_replay.py
+    python3 -m rackguard.bench.outbox_replay
 """
 
 from __future__ import annotations
@@ -9,12 +9,9 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rackguard.agent import config as configmod
 from rackguard.agent.mosquitto import Mosquitto, free_port

@@ -10,15 +10,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from rackguard.bench.harness import load_scenario, run, scenario_files
 from rackguard.controllers.api import CoolantObs, GpuObs, Limits, Observation
-from rackguard.controllers.harness import parse_scenario, run
 from rackguard.controllers.mpc import MpcController
 from rackguard.controllers.power import PowerCurve
 from rackguard.controllers.safety import SafetyLayer
 from rackguard.controllers.thermal import DEFAULT_PARAMS
 from rackguard.sim.plant import Plant, PlantConfig
 
-SCENARIOS = sorted((Path(__file__).resolve().parents[2] / "bench" / "scenarios").glob("*.toml"))
+SCENARIOS = scenario_files()
 
 
 def test_scenarios_shipped() -> None:
@@ -27,7 +27,7 @@ def test_scenarios_shipped() -> None:
 
 @pytest.mark.parametrize("path", SCENARIOS, ids=lambda p: p.stem)
 def test_mpc_zero_seconds_over_limit(path: Path) -> None:
-    scn = parse_scenario(path.read_text(), name=path.stem)
+    scn = load_scenario(path)
     res = run(scn, "mpc")
     assert res.seconds_over_limit == 0.0
     assert res.max_temp_c <= scn.limits.gpu_temp_max_c
@@ -41,7 +41,7 @@ def test_mpc_zero_seconds_over_limit(path: Path) -> None:
 def test_mpc_zero_seconds_over_limit_on_unseen_noise(name: str, seed: int) -> None:
     """The 2 K margin is not tuned to the shipped noise draw: other seeds stay under the limit too."""
     path = next(p for p in SCENARIOS if p.stem == name)
-    scn = parse_scenario(path.read_text(), name=name)
+    scn = load_scenario(path)
     res = run(replace(scn, seed=seed), "mpc")
     assert res.seconds_over_limit == 0.0
     assert res.max_temp_c <= scn.limits.gpu_temp_max_c

@@ -152,6 +152,6 @@ def test_daemon_does_not_load_scipy() -> None:
     import subprocess
     import sys
 
-    code = "import rackguard.agent.daemon, rackguard.controllers.mpc, rackguard.controllers.harness, sys; print('scipy' in sys.modules)"
+    code = "import rackguard.agent.daemon, rackguard.controllers.mpc, rackguard.bench.harness, sys; print('scipy' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -25,6 +25,7 @@ import time
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,6 +42,7 @@ from rackguard.sim.plant import Plant, PlantConfig, predict_max
 FloatArray = NDArray[np.float64]
 
 CONTROLLERS = ("mpc", "pid", "threshold")
+SCENARIO_DIR = Path(__file__).parent / "scenarios"  # the shipped scenarios (package data)
 
 # Baseline tuning: the most aggressive settings with 0 s over limit on the shipped scenarios,
 # from a grid sweep on the plant with request draining, through the same safety layer as
@@ -349,7 +351,18 @@ class RunResult:
         }
 
 
-def _leak_state(scn: Scenario, t_s: float) -> str:
+def scenario_files(directory: Path = SCENARIO_DIR) -> list[Path]:
+    """The scenario TOMLs in ``directory`` (default: the shipped ones), sorted by name."""
+    return sorted(directory.glob("*.toml"))
+
+
+def load_scenario(path: Path) -> Scenario:
+    """Read and parse one scenario file; its name is the file's stem."""
+    return parse_scenario(path.read_text(), name=path.stem)
+
+
+def leak_state(scn: Scenario, t_s: float) -> str:
+    """The leak state (``ok``, ``warning``, ``critical``) the controllers see at ``t_s``."""
     state = "ok"
     for t_ev, s in scn.leaks:
         if t_ev + scn.leak_delay_s <= t_s:
@@ -392,7 +405,7 @@ def run(scenario: Scenario, controller: str, *, clock: Callable[[], float] = tim
     for k in range(n_ticks):
         t = k * scn.tick_s
         stale = any(a <= t < b for a, b in scn.stale)
-        obs = plant.observe(t, leak=_leak_state(scn, t), stale=stale)
+        obs = plant.observe(t, leak=leak_state(scn, t), stale=stale)
         t0 = clock()
         proposed = ctrl.step(obs)
         res.solve_s.append(clock() - t0)
@@ -421,7 +434,7 @@ def run(scenario: Scenario, controller: str, *, clock: Callable[[], float] = tim
             for p in due:
                 if abs(p[0] - t_now) < 1e-9:
                     pending_leaks.remove(p)
-            leak_obs = Observation(t_now, obs.gpus, replace(obs.coolant, leak=_leak_state(scn, t_now)))  # type: ignore[arg-type]
+            leak_obs = Observation(t_now, obs.gpus, replace(obs.coolant, leak=leak_state(scn, t_now)))  # type: ignore[arg-type]
             dec = safety.apply(leak_obs, dec)
             note_leak(t_now, leak_obs.coolant.leak, dec)
             caps = np.array(dec.caps, dtype=float)

@@ -1,6 +1,6 @@
 """Micro-benchmark of one control step: ``MpcController.step`` + ``SafetyLayer.apply``.
 
-Usage: ``python3 -m rackguard.controllers.stepbench [--scenarios DIR] [--passes 3]``
+Usage: ``python3 -m rackguard.bench.stepbench [--scenarios DIR] [--passes 3]``
 
 The observation streams are recorded once from closed-loop runs of the shipped scenarios
 (8 GPUs, 1 s tick; the plant driven by the MPC through the safety layer), then replayed
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from rackguard.bench.harness import SCENARIO_DIR, leak_state, load_scenario, make_controller, scenario_files
 from rackguard.controllers.api import Observation
-from rackguard.controllers.harness import _leak_state, make_controller, parse_scenario
 from rackguard.controllers.mpc import MpcController
 from rackguard.controllers.safety import SafetyLayer
 from rackguard.sim.plant import Plant
@@ -27,7 +27,7 @@ from rackguard.sim.plant import Plant
 
 def record(path: Path) -> tuple[MpcController, list[Observation]]:
     """The observation stream of a closed-loop MPC run of one scenario (and its controller)."""
-    scn = parse_scenario(path.read_text(), name=path.stem)
+    scn = load_scenario(path)
     plant = Plant(scn.plant, scn.supply_c.at(0.0), seed=scn.seed)
     ctrl = make_controller("mpc", scn, plant)
     assert isinstance(ctrl, MpcController)
@@ -36,7 +36,7 @@ def record(path: Path) -> tuple[MpcController, list[Observation]]:
     for k in range(round(scn.duration_s / scn.tick_s)):
         t = k * scn.tick_s
         stale = any(a <= t < b for a, b in scn.stale)
-        obs = plant.observe(t, leak=_leak_state(scn, t), stale=stale)
+        obs = plant.observe(t, leak=leak_state(scn, t), stale=stale)
         stream.append(obs)
         dec = safety.apply(obs, ctrl.step(obs))
         offered = np.full(scn.plant.n_gpus, scn.load.at(t))
@@ -68,12 +68,10 @@ def time_pass(streams: list[tuple[MpcController, list[Observation]]]) -> tuple[n
 def main() -> None:
     """Record the streams, time the passes, print the figures."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument(
-        "--scenarios", type=Path, default=Path(__file__).resolve().parents[1] / "bench" / "scenarios"
-    )
+    ap.add_argument("--scenarios", type=Path, default=SCENARIO_DIR)
     ap.add_argument("--passes", type=int, default=3)
     args = ap.parse_args()
-    streams = [record(p) for p in sorted(args.scenarios.glob("*.toml"))]
+    streams = [record(p) for p in scenario_files(args.scenarios)]
     n = sum(len(s) for _, s in streams)
     rows = []
     for i in range(args.passes):

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from rackguard.agent.benchagent import extrapolate, parse_hostport, percentile_ms, traffic
+from rackguard.bench.common import extrapolate, parse_hostport, percentile_ms, traffic
 
 AGENT_KEYS = (
     "cpu_pct_one_core",
