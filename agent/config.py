@@ -17,7 +17,7 @@ import socket
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -47,8 +47,17 @@ class ConfigError(Exception):
         return "\n".join(f"config error: {key}: {reason}" for key, reason in self.errors)
 
 
+Reload = Literal["live", "restart"]
+LIVE: Reload = "live"
+RESTART: Reload = "restart"
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+    # How SIGHUP treats each field: "live" = the running component takes the new value
+    # (its ``reconfigure(cfg)``); "restart" = kept until the agent restarts, and named in
+    # the ``reloaded needs_restart=[...]`` log line. Every field is declared (a test checks).
+    RELOAD: ClassVar[dict[str, Reload]] = {}
 
 
 def resolve_secret_path(path: Path) -> Path:
@@ -81,6 +90,8 @@ TopicSafe = Annotated[str, Field(min_length=1, max_length=64, pattern=_TOPIC_SAF
 
 
 class NodeConfig(_Section):
+    RELOAD: ClassVar[dict[str, Reload]] = {"site": RESTART, "rack": RESTART, "name": RESTART}
+
     site: TopicSafe = "site"
     rack: TopicSafe = "rack"
     name: TopicSafe = Field(
@@ -106,6 +117,23 @@ class TlsConfig(_Section):
 
 
 class MqttConfig(_Section):
+    RELOAD: ClassVar[dict[str, Reload]] = {
+        f: RESTART
+        for f in (
+            "host",
+            "port",
+            "keepalive_s",
+            "username",
+            "password_file",
+            "client_id",
+            "topic_prefix",
+            "tls",
+            "reconnect_min_s",
+            "reconnect_max_s",
+            "publish_timeout_s",
+        )
+    }
+
     host: str = "localhost"
     port: int = Field(default=1883, ge=1, le=65535)
     keepalive_s: int = Field(default=15, ge=2, le=3600)
@@ -139,6 +167,11 @@ class MqttConfig(_Section):
 class SimConfig(_Section):
     """The simulated node used by ``backend = "sim"``."""
 
+    RELOAD: ClassVar[dict[str, Reload]] = {
+        f: RESTART
+        for f in ("gpus", "seed", "offered_concurrency", "supply_temp_c", "flow_lpm", "ambient_noise_c")
+    }
+
     gpus: int = Field(default=8, ge=1, le=64)
     seed: int = 0
     offered_concurrency: float = Field(default=256.0, ge=0)
@@ -148,6 +181,16 @@ class SimConfig(_Section):
 
 
 class SensorsConfig(_Section):
+    RELOAD: ClassVar[dict[str, Reload]] = {
+        "backend": RESTART,
+        "gpu_indices": RESTART,
+        "poll_period_s": LIVE,
+        "slow_period_s": LIVE,
+        "read_timeout_s": LIVE,
+        "lost_retry_min_s": LIVE,
+        "lost_retry_max_s": LIVE,
+    }
+
     backend: Literal["nvml", "sim"] = "nvml"
     poll_period_s: float = Field(default=0.1, ge=0.01, le=60)
     slow_period_s: float = Field(default=1.0, ge=0.01, le=600)
@@ -166,11 +209,20 @@ class SensorsConfig(_Section):
 
 
 class TelemetryConfig(_Section):
+    RELOAD: ClassVar[dict[str, Reload]] = {"publish_period_s": LIVE}
+
     publish_period_s: float = Field(default=1.0, ge=0.05, le=3600)
 
 
 class OutboxConfig(_Section):
     """The durable queue of telemetry and alarms waiting for the broker (agent/outbox.py)."""
+
+    RELOAD: ClassVar[dict[str, Reload]] = {
+        "path": RESTART,
+        "synchronous": RESTART,
+        "max_messages": LIVE,
+        "replay_rate_msgs_s": LIVE,
+    }
 
     path: Path | None = Field(
         default=None,
@@ -193,12 +245,33 @@ class OutboxConfig(_Section):
 
 
 class HttpConfig(_Section):
+    RELOAD: ClassVar[dict[str, Reload]] = {"host": RESTART, "port": RESTART}
+
     host: str = "127.0.0.1"
     port: int = Field(default=9108, ge=0, le=65535, description="0 disables the HTTP server")
 
 
 class ControlConfig(_Section):
     """The MPC, the safety layer and the published cap."""
+
+    RELOAD: ClassVar[dict[str, Reload]] = {
+        f: LIVE
+        for f in (
+            "period_s",
+            "cap_ttl_s",
+            "cap_refresh_s",
+            "gpu_temp_max_c",
+            "mem_temp_max_c",
+            "slowdown_c",
+            "margin_c",
+            "node_power_budget_w",
+            "min_cap",
+            "max_cap",
+            "safe_cap",
+            "leak_cap",
+            "cap_rise_per_s",
+        )
+    }
 
     period_s: float = Field(default=1.0, ge=0.05, le=60)
     cap_ttl_s: float = Field(default=10.0, ge=1, le=3600, description="MQTT 5 expiry of the cap message")
@@ -232,6 +305,19 @@ class ControlConfig(_Section):
 
 class CoolantConfig(_Section):
     """Coolant, CDU and leak sensors read over MQTT, and the coolant's physics (agent/coolant.py)."""
+
+    RELOAD: ClassVar[dict[str, Reload]] = {
+        f: RESTART
+        for f in (
+            "subscribe",
+            "sensors",
+            "cp_j_per_kg_k",
+            "density_kg_per_l",
+            "design_delta_t_c",
+            "max_future_s",
+            "leak_clear",
+        )
+    }
 
     subscribe: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(
         default_factory=list,
@@ -267,6 +353,8 @@ class CoolantConfig(_Section):
 class GateConfig(_Section):
     """Reports from the inference servers' gates (agent/gate.py) on ``.../gate/<gate_id>``."""
 
+    RELOAD: ClassVar[dict[str, Reload]] = {"report_max_age_s": LIVE}
+
     report_max_age_s: float = Field(
         default=3.0, gt=0, le=600, description="a gate's in-flight count older than this is ignored"
     )
@@ -275,11 +363,20 @@ class GateConfig(_Section):
 class EnergyConfig(_Section):
     """Energy per token (GPU energy counters over gate-reported tokens)."""
 
+    RELOAD: ClassVar[dict[str, Reload]] = {"pue": LIVE}
+
     pue: float = Field(default=1.2, ge=1.0, le=5.0, description="facility power usage effectiveness")
 
 
 class CommandsConfig(_Section):
     """Operator commands on ``.../cmd`` (agent/operator_commands.py), answered on ``.../cmd/ack``."""
+
+    RELOAD: ClassVar[dict[str, Reload]] = {
+        "enabled": RESTART,
+        "hmac_secret_file": LIVE,
+        "require_signature": LIVE,
+        "max_skew_s": LIVE,
+    }
 
     enabled: bool = True
     hmac_secret_file: Path | None = Field(
@@ -309,6 +406,10 @@ class CommandsConfig(_Section):
 class PowerLimitsConfig(_Section):
     """Optional NVML power-limit actuator (agent/power_limits.py). Needs root; off by default."""
 
+    RELOAD: ClassVar[dict[str, Reload]] = {
+        f: RESTART for f in ("enabled", "state_file", "node_power_budget_w", "min_on_reasons", "min_change_w")
+    }
+
     enabled: bool = False
     state_file: Path | None = Field(
         default=None,
@@ -335,6 +436,8 @@ class PowerLimitsConfig(_Section):
 
 
 class LogConfig(_Section):
+    RELOAD: ClassVar[dict[str, Reload]] = {"level": LIVE, "format": LIVE}
+
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
 
@@ -360,6 +463,16 @@ class Config(_Section):
         if self.telemetry.publish_period_s < self.sensors.poll_period_s:
             raise ValueError("telemetry.publish_period_s must be >= sensors.poll_period_s")
         return self
+
+    def reload_modes(self) -> dict[str, Reload]:
+        """``"section.field"`` → how SIGHUP applies it, for every field of every section."""
+        out: dict[str, Reload] = {}
+        for section, info in type(self).model_fields.items():
+            model = info.annotation
+            assert isinstance(model, type) and issubclass(model, _Section)
+            for name in model.model_fields:
+                out[f"{section}.{name}"] = model.RELOAD[name]
+        return out
 
     def redacted(self) -> dict[str, Any]:
         """The effective config as plain data, safe to print (secrets are only paths)."""
@@ -439,3 +552,32 @@ def load(path: Path | None = None, *, environ: Mapping[str, str] | None = None, 
             raise ConfigError([(str(path), f"invalid TOML: {exc}")]) from None
     data = _merge(data, env_overrides(environ))
     return validate(data)
+
+
+def undeclared_reload_fields() -> list[str]:
+    """Fields with no live/restart declaration (must be empty; a test checks)."""
+    out = []
+    for section, info in Config.model_fields.items():
+        model = info.annotation
+        if not (isinstance(model, type) and issubclass(model, _Section)):
+            out.append(section)
+            continue
+        out += [f"{section}.{f}" for f in model.model_fields if f not in model.RELOAD]
+        out += [f"{section}.{f} (no such field)" for f in model.RELOAD if f not in model.model_fields]
+    return out
+
+
+def split_reload(old: Config, new: Config) -> tuple[Config, list[str]]:
+    """What SIGHUP applies: ``new`` with every changed restart field kept at its ``old`` value.
+
+    Returns:
+        The config to run with, and the changed fields that need a restart.
+    """
+    o, n = old.model_dump(), new.model_dump()
+    kept = []
+    for key, mode in old.reload_modes().items():
+        section, field = key.split(".", 1)
+        if mode == RESTART and o[section][field] != n[section][field]:
+            kept.append(key)
+            n[section][field] = o[section][field]
+    return (Config.model_validate(n) if kept else new), kept

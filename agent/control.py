@@ -11,7 +11,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from rackguard.agent.config import ControlConfig, CoolantConfig
+from rackguard.agent.config import Config, ControlConfig, CoolantConfig
 from rackguard.controllers.api import Decision, Limits, Observation
 from rackguard.controllers.mpc import MpcController
 from rackguard.controllers.safety import SafetyLayer
@@ -64,6 +64,19 @@ class ControlLoop:
         self.decision: Decision | None = None
         self.timings: deque[StepTiming] = deque(maxlen=10_000)
         self.last_step_mono: float | None = None
+        self.infos: list[GpuInfo] = []  # the GPUs' thresholds default the limits on reload
+
+    @classmethod
+    def from_config(cls, cfg: Config, infos: list[GpuInfo]) -> ControlLoop:
+        loop = cls(limits_from(cfg.control, cfg.coolant, infos), len(infos))
+        loop.infos = list(infos)
+        return loop
+
+    def reconfigure(self, cfg: Config) -> None:
+        """A reloaded config: new limits (``control.*``), the learned models kept."""
+        limits = limits_from(cfg.control, cfg.coolant, self.infos)
+        if limits != self.limits:
+            self.set_limits(limits)
 
     def set_limits(self, limits: Limits) -> None:
         """Apply new limits from a reloaded config; the learned models are kept."""

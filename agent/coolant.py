@@ -20,12 +20,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from paho.mqtt.client import topic_matches_sub
-
 from rackguard.agent import log as logmod
 from rackguard.agent.config import CoolantConfig
 from rackguard.agent.messages import Alarm, CoolantSensorTelemetry, CoolantTelemetry, NodeId, dump
 from rackguard.agent.metrics import Metrics
+from rackguard.agent.mqtt import topic_matches
 from rackguard.agent.outbox import OutMsg
 from rackguard.physics import flow_required_lpm
 from rackguard.sensors.coolant import (
@@ -98,7 +97,6 @@ class CoolantMonitor:
         publish: Queues an outgoing message (``MqttLink.enqueue``); alarms go here.
         alarm_topic: Where leak alarms are published (retained, QoS 1).
         on_leak: The safety hook, called synchronously on every leak state change.
-        on_reading: Called with every valid reading (the simulated GPUs follow it).
         clock: Wall-clock seconds (tests pass their own).
         monotonic: Monotonic seconds (tests pass their own).
     """
@@ -112,7 +110,6 @@ class CoolantMonitor:
         publish: Callable[[OutMsg], None] | None = None,
         alarm_topic: str | None = None,
         on_leak: Callable[[LeakEvent], None] | None = None,
-        on_reading: Callable[[Reading], None] | None = None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -122,7 +119,6 @@ class CoolantMonitor:
         self.publish = publish
         self.alarm_topic = alarm_topic
         self.on_leak = on_leak
-        self.on_reading = on_reading
         self.clock = clock
         self.monotonic = monotonic
         self.sensors = {s.id: _SensorState(s) for s in cfg.sensors}
@@ -138,7 +134,7 @@ class CoolantMonitor:
         """The filters to subscribe: ``coolant.subscribe`` plus declared topics they miss."""
         filters = list(dict.fromkeys(self.cfg.subscribe))
         for topic in self.by_topic:
-            if not any(topic_matches_sub(f, topic) for f in filters):
+            if not any(topic_matches(f, topic) for f in filters):
                 filters.append(topic)
         return filters
 
@@ -188,8 +184,6 @@ class CoolantMonitor:
             self._apply_leak(state, reading.leak, reading.t_s, now_mono)
             return
         state.values = dict(reading.values)
-        if self.on_reading is not None:
-            self.on_reading(reading)
 
     # -- leaks -----------------------------------------------------------------------------
     def _apply_leak(self, state: _SensorState, leak: LeakState, t_s: float, now_mono: float) -> None:

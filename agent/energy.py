@@ -11,6 +11,11 @@ lands in the next window it is read in.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rackguard.agent.config import Config
+
 from dataclasses import dataclass
 
 
@@ -49,6 +54,9 @@ class EnergyMeter:
             raise ValueError(f"pue must be >= 1, got {pue}")
         self.pue = pue
         self._last_j: dict[int, float] = {}
+
+    def reconfigure(self, cfg: Config) -> None:
+        self.pue = cfg.energy.pue
 
     def window(self, energy_j: dict[int, float | None], tokens: int, requests: int = 0) -> EnergyWindow:
         """Close a window.

@@ -12,6 +12,11 @@ agent saw it is not attributed to the current window.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rackguard.agent.config import Config
+
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,6 +61,9 @@ class GateTracker:
         self.rejected_total = 0
         self.log = logmod.get("gates")
         self._rl = logmod.RateLimitedLog(self.log, 60.0)
+
+    def reconfigure(self, cfg: Config) -> None:
+        self.max_age_s = cfg.gate.report_max_age_s
 
     def handle(self, topic: str, payload: bytes) -> GateReport | None:
         """The MQTT handler for ``.../gate/+``. Never raises on any payload."""

@@ -14,7 +14,8 @@ from types import TracebackType
 from typing import Any
 
 import aiomqtt
-from paho.mqtt.client import topic_matches_sub
+
+from rackguard.agent.mqtt import topic_matches
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +42,7 @@ class LocalBroker:
             else:
                 self.retained.pop(topic, None)
         for s in self.sessions:
-            if any(topic_matches_sub(f, topic) for f in s.filters):
+            if any(topic_matches(f, topic) for f in s.filters):
                 s.queue.put_nowait(LocalMessage(topic, payload))
 
 
@@ -76,7 +77,7 @@ class LocalClient:
     async def subscribe(self, topic: str, qos: int = 0) -> None:
         self.filters.append(topic)
         for t, p in self.broker.retained.items():
-            if topic_matches_sub(topic, t):
+            if topic_matches(topic, t):
                 self.queue.put_nowait(LocalMessage(t, p, retain=True))
 
     @property

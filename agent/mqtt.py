@@ -29,16 +29,24 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import aiomqtt
-from paho.mqtt.client import topic_matches_sub
+from paho.mqtt.client import topic_matches_sub as _paho_topic_matches
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from rackguard.agent import log as logmod
-from rackguard.agent.config import MqttConfig, NodeConfig
+from rackguard.agent.config import Config, MqttConfig, NodeConfig
 from rackguard.agent.outbox import MemoryOutbox, Outbox, OutMsg
 
 Handler = Callable[[str, bytes], None]
 PUBLISH_WINDOW = 64  # QoS 1 messages in flight at once while draining
+
+
+def topic_matches(topic_filter: str, topic: str) -> bool:
+    """Whether an MQTT topic matches a filter with ``+``/``#`` wildcards.
+
+    This module is the one place paho is imported; everything else uses these names.
+    """
+    return bool(_paho_topic_matches(topic_filter, topic))
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,13 +95,13 @@ class ClientLike(Protocol):
     def messages(self) -> AsyncIterator[Any]: ...
 
 
-ClientFactory = Callable[[aiomqtt.Will], contextlib.AbstractAsyncContextManager[ClientLike]]
+ClientFactory = Callable[[aiomqtt.Will | None], contextlib.AbstractAsyncContextManager[ClientLike]]
 
 
 def aiomqtt_factory(cfg: MqttConfig, client_id: str) -> ClientFactory:
     """Build real aiomqtt clients (MQTT 5, TLS and credentials per config)."""
 
-    def make(will: aiomqtt.Will) -> contextlib.AbstractAsyncContextManager[ClientLike]:
+    def make(will: aiomqtt.Will | None) -> contextlib.AbstractAsyncContextManager[ClientLike]:
         tls = None
         if cfg.tls is not None:
             tls = aiomqtt.TLSParameters(
@@ -207,6 +215,11 @@ class MqttLink:
         self.log = logmod.get("mqtt")
 
     # -- API for the rest of the agent ---------------------------------------------------
+    def reconfigure(self, cfg: Config) -> None:
+        """Reloaded outbox bound and replay rate (the broker connection needs a restart)."""
+        self.outbox.max_messages = cfg.outbox.max_messages
+        self.replay.rate_per_s = cfg.outbox.replay_rate_msgs_s
+
     def subscribe(self, topic_filter: str, handler: Handler) -> None:
         """Register a handler; (re)subscribed on every connect. Handlers must not block."""
         self._handlers.append((topic_filter, handler))
@@ -344,7 +357,7 @@ class MqttLink:
             topic = str(message.topic)
             payload = message.payload if isinstance(message.payload, bytes) else str(message.payload).encode()
             for topic_filter, handler in self._handlers:
-                if topic_matches_sub(topic_filter, topic):
+                if topic_matches(topic_filter, topic):
                     try:
                         handler(topic, payload)
                     except Exception:

@@ -29,6 +29,7 @@ bounds, then the action. A forged command never consumes an id.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -42,7 +43,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from rackguard.agent import log as logmod
-from rackguard.agent.config import CommandsConfig
+from rackguard.agent.config import CommandsConfig, Config
 
 MAX_PAYLOAD_BYTES = 4096
 MAX_REMEMBERED_IDS = 10_000
@@ -179,6 +180,11 @@ class CommandProcessor:
         self.clock = clock
         self._seen: OrderedDict[str, float] = OrderedDict()  # id -> t_s, oldest first
         self.log = logmod.get("commands")
+
+    def reconfigure(self, cfg: Config) -> None:
+        """Reloaded ``commands.*`` (skew, signatures, key file) and the ``control.max_cap`` bound."""
+        self.cfg = cfg.commands
+        self.actions = dataclasses.replace(self.actions, max_cap=cfg.control.max_cap)
 
     def handle(self, payload: bytes) -> Outcome:
         """Process one message; never raises. Every command is logged (never the secret or signature)."""

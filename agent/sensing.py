@@ -8,6 +8,11 @@ with exponential backoff through ``backend.reopen``.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rackguard.agent.config import Config
+
 import asyncio
 import concurrent.futures
 import time
@@ -69,6 +74,13 @@ class GpuPoller:
             for s in self.gpus
         }
         self.log = logmod.get("sensing")
+
+    def reconfigure(self, cfg: Config) -> None:
+        """Reloaded ``sensors.*`` timing (backend and GPU set need a restart)."""
+        s = cfg.sensors
+        self.read_timeout_s = s.read_timeout_s
+        self.slow_every = max(1, round(s.slow_period_s / s.poll_period_s))
+        self.retry_min_s, self.retry_max_s = s.lost_retry_min_s, s.lost_retry_max_s
 
     def close(self) -> None:
         for pool in self._pools.values():

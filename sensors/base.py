@@ -11,6 +11,7 @@ answering raises :class:`GpuLost`.
 from __future__ import annotations
 
 import abc
+import enum
 from dataclasses import dataclass, field
 
 # NVML clock-event ("throttle") reason bits, decoded to stable names.
@@ -92,14 +93,38 @@ class GpuSample:
     mem_temp_c: float | None = None
 
 
+class Capability(enum.Enum):
+    """Device writes a backend may support; ask :meth:`GpuBackend.supports` before using one."""
+
+    POWER_LIMIT = "power_limit"  # get_power_limit_w / set_power_limit_w
+
+
+class Unsupported(SensorError):
+    """The backend does not support this operation (see :meth:`GpuBackend.supports`)."""
+
+
 class GpuBackend(abc.ABC):
     """A source of GPU samples: NVML, or the simulator.
 
     All methods block; call them from a worker thread. ``read`` must be safe to
-    call for different GPUs from different threads at the same time.
+    call for different GPUs from different threads at the same time. Reads are
+    mandatory; writes are capabilities a backend declares in ``capabilities``.
     """
 
     name: str = "gpu"
+    capabilities: frozenset[Capability] = frozenset()
+
+    def supports(self, capability: Capability) -> bool:
+        """Whether this backend implements a device write."""
+        return capability in self.capabilities
+
+    def get_power_limit_w(self, index: int) -> float | None:
+        """The GPU's enforced power limit (``Capability.POWER_LIMIT``)."""
+        raise Unsupported(f"backend {self.name} cannot read power limits")
+
+    def set_power_limit_w(self, index: int, watts: float) -> None:
+        """Set the GPU's power limit (``Capability.POWER_LIMIT``). Raises on failure."""
+        raise Unsupported(f"backend {self.name} cannot set power limits")
 
     @abc.abstractmethod
     def open(self) -> list[GpuInfo]:

@@ -28,6 +28,7 @@ from typing import Any
 import pynvml
 
 from rackguard.sensors.base import (
+    Capability,
     GpuBackend,
     GpuInfo,
     GpuLost,
@@ -107,6 +108,7 @@ class NvmlBackend(GpuBackend):
     """
 
     name = "nvml"
+    capabilities = frozenset({Capability.POWER_LIMIT})
 
     def __init__(self, indices: list[int] | None = None) -> None:
         self._indices = None if indices is None else list(indices)

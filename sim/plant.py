@@ -77,6 +77,7 @@ class Plant:
         self.served = np.zeros(n)
         self.noise_w = np.zeros(n)
         self.power_w = np.full(n, p_idle)
+        self.energy_j = np.zeros(n)  # each GPU's energy counter
         self._power_sum_w = np.zeros(n)
         self._power_time_s = 0.0
         self.supply_c = supply_c
@@ -139,6 +140,7 @@ class Plant:
             self.power_w = np.maximum(cfg.power.power_w(self.served) + self.noise_w, 0.0)
             self.x = self.x @ ad.T + self.power_w[:, None] * bd[None, :]
             self._power_sum_w += self.power_w * dt
+            self.energy_j += self.power_w * dt
             self._power_time_s += dt
             stats.served_s += float(np.sum(self.served)) * dt
             die = self.die_c()

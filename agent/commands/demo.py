@@ -120,14 +120,16 @@ async def _demo(cfg: configmod.Config, scenario: Any, seconds: float, raw: bool)
     from rackguard.agent.commands import sim_cdu
     from rackguard.agent.daemon import Agent
     from rackguard.agent.localbus import LocalBroker
+    from rackguard.sim.node import from_config, run_beside
 
     broker = LocalBroker()
-    agent = Agent(cfg, client_factory=broker.client)
+    backend, servers = from_config(cfg)
+    agent = Agent(cfg, backend, client_factory=broker.client)
     cdu_stop = asyncio.Event()
     async with broker.client() as consumer:
         await consumer.subscribe("rackguard/#")
         printer = asyncio.create_task(_consume(consumer, raw))
-        run = asyncio.create_task(agent.run())
+        run = asyncio.create_task(run_beside(agent.run(), servers, broker.client))
         cdu = None
         if cfg.coolant.sensors:
             cdu = asyncio.create_task(

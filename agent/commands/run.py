@@ -45,4 +45,12 @@ def main(args: argparse.Namespace) -> int:
             new = new.model_copy(update={"sensors": new.sensors.model_copy(update={"backend": "sim"})})
         return new
 
-    return asyncio.run(Agent(cfg, reload_config=reload).run())
+    if cfg.sensors.backend != "sim":
+        return asyncio.run(Agent(cfg, reload_config=reload).run())
+    # A simulated node: its GPUs are the agent's backend; its inference servers obey the cap over MQTT.
+    from rackguard.agent.mqtt import aiomqtt_factory
+    from rackguard.sim.node import from_config, run_beside
+
+    backend, servers = from_config(cfg)
+    factory = aiomqtt_factory(cfg.mqtt, f"rackguard-sim-{cfg.node.site}-{cfg.node.rack}-{cfg.node.name}")
+    return asyncio.run(run_beside(Agent(cfg, backend, reload_config=reload).run(), servers, factory))

@@ -24,7 +24,9 @@ from typing import Any
 
 from rackguard.agent import config as configmod
 from rackguard.agent.daemon import Agent
-from rackguard.sensors.sim import SimBackend
+from rackguard.agent.mqtt import aiomqtt_factory
+from rackguard.agent.snapshot import observation
+from rackguard.sim.node import from_config, run_beside
 
 REPO = Path(__file__).resolve().parents[2]
 GPU_TEMP_MAX_C = 62.0
@@ -146,11 +148,12 @@ async def test_worker_obeys_cap_pump_failure_and_leak(broker: Any, subscriber: A
     scenario = tmp_path / "scenario.toml"
     scenario.write_text(SCENARIO)
     cfg = configmod.load(conf, environ={})
-    backend = SimBackend(1, offered_concurrency=0)
+    backend, servers = from_config(cfg)
     agent = Agent(cfg, backend)
     caps = subscriber(broker, f"{base}/cap")
     tel = subscriber(broker, f"{base}/telemetry")
-    task = asyncio.create_task(agent.run())
+    factory = aiomqtt_factory(cfg.mqtt, "e2e-sim-servers")
+    task = asyncio.create_task(run_beside(agent.run(), servers, factory))
     env = {k: v for k, v in os.environ.items() if not k.startswith("RACKGUARD_")}
     cdu_cmd = [sys.executable, "-m", "rackguard.agent.cli", "sim-cdu", "--config", str(conf)]
     cdu = subprocess.Popen(
@@ -169,9 +172,11 @@ async def test_worker_obeys_cap_pump_failure_and_leak(broker: Any, subscriber: A
         )
         await wait(lambda: agent.gates.in_flight(1)[0] is not None, 5, "gate report")
         t_load = time.monotonic()
-        assert 0 < agent.concurrency(0) <= 24
+        assert 0 < observation(agent.take_snapshot()).gpus[0].concurrency <= 24
         assert agent.control is not None and agent.control.decision is not None
-        assert backend.served(0) == min(backend._offered[0], agent.control.decision.caps[0])
+        # The simulated GPU serves the worker's requests (its own servers stand aside for a real gate).
+        await wait(lambda: servers.servers[0].external_in_flight is not None, 5, "sim follows the worker")
+        assert 0 < backend.served(0) <= max(m.json()["caps"][0] for m in caps.messages)
         before = max(m.json()["total"] for m in caps.messages)
 
         # Pump failure: once telemetry shows the flow falling, the cap drops; the GPU never passes its limit.

@@ -19,7 +19,7 @@ import pytest
 
 from rackguard.agent import config as configmod
 from rackguard.agent.daemon import Agent
-from rackguard.sensors.sim import SimBackend
+from rackguard.sim.node import SimBackend
 from tests.agent.test_resilience import Consumer, assert_no_gaps
 from tests.conftest import Broker, BrokerFactory
 

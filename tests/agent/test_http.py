@@ -13,7 +13,7 @@ from rackguard.agent import config as configmod
 from rackguard.agent.daemon import Agent
 from rackguard.agent.localbus import LocalBroker
 from rackguard.agent.mosquitto import free_port
-from rackguard.sensors.sim import SimBackend
+from rackguard.sim.node import SimBackend
 
 
 def cfg() -> configmod.Config:

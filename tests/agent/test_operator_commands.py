@@ -15,7 +15,7 @@ from rackguard.agent import config as configmod
 from rackguard.agent.config import CommandsConfig
 from rackguard.agent.daemon import Agent
 from rackguard.agent.operator_commands import Actions, CommandProcessor, sign, signed_payload
-from rackguard.sensors.sim import SimBackend
+from rackguard.sim.node import SimBackend
 
 SECRET = "s3cret-for-tests"
 BASE = "rackguard/t/r1/cmd-node"

@@ -9,13 +9,15 @@ from pathlib import Path
 import pytest
 
 from rackguard.agent import config as configmod
+from rackguard.agent.actuators import PowerLimitSink
 from rackguard.agent.commands import restore_power_limits
 from rackguard.agent.daemon import Agent
 from rackguard.agent.localbus import LocalBroker
 from rackguard.agent.power_limits import PowerLimitActuator, PowerLimitError, load_state, restore
+from rackguard.agent.routes import health
 from rackguard.controllers.api import Decision
-from rackguard.sensors.base import GpuInfo, SensorError
-from rackguard.sensors.sim import SimBackend
+from rackguard.sensors.base import Capability, GpuInfo, SensorError
+from rackguard.sim.node import SimBackend
 
 INFOS = [
     GpuInfo(index=i, uuid=f"GPU-{i}", name="fake", power_limit_min_w=200.0, power_limit_max_w=700.0)
@@ -124,6 +126,8 @@ def test_restore_command_without_state_file_exits_0(
 class PowerSim(SimBackend):
     """The simulator plus a fake power-limit boundary."""
 
+    capabilities = frozenset({Capability.POWER_LIMIT})
+
     def __init__(self, gpus: int) -> None:
         super().__init__(gpus)
         self.dev = FakeDevice({i: 700.0 for i in range(gpus)})
@@ -166,7 +170,9 @@ async def test_agent_writes_limits_and_restores_them_on_shutdown(tmp_path: Path)
     assert backend.dev.limits_w == {0: 700.0, 1: 700.0} and not state.exists()
 
 
-async def test_failed_write_makes_healthz_503_until_a_retry_succeeds(tmp_path: Path) -> None:
+async def test_failed_write_makes_healthz_503_until_a_retry_succeeds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cfg = configmod.validate(
         {
             "node": {"name": "pl"},
@@ -180,14 +186,14 @@ async def test_failed_write_makes_healthz_503_until_a_retry_succeeds(tmp_path: P
     backend = PowerSim(2)
     backend.dev.fail = {1}
     agent = Agent(cfg, backend, client_factory=LocalBroker().client)
-    agent.POWER_RETRY_S = 0.3
+    monkeypatch.setattr(PowerLimitSink, "RETRY_S", 0.3)
     task = asyncio.create_task(agent.run())
     try:
         for _ in range(200):
             if agent.power_error is not None:
                 break
             await asyncio.sleep(0.02)
-        problems = agent.health()
+        problems = health(agent)
         assert any(p.startswith("power limit write failed: gpu 1: setting 500 W failed") for p in problems)
         assert backend.dev.writes == [(0, 500.0)]
         backend.dev.fail = set()  # the write works again: the next retry (or decision) lands it
@@ -197,7 +203,7 @@ async def test_failed_write_makes_healthz_503_until_a_retry_succeeds(tmp_path: P
             await asyncio.sleep(0.02)
         await asyncio.sleep(0.05)
         assert (1, 500.0) in backend.dev.writes and agent.power_error is None
-        assert not any("power limit" in p for p in agent.health())
+        assert not any("power limit" in p for p in health(agent))
     finally:
         agent.request_stop("test")
         assert await asyncio.wait_for(task, 10) == 0

@@ -245,7 +245,7 @@ def test_unit_passes_systemd_analyze() -> None:
 async def test_reload_applies_control_limits_live() -> None:
     """A SIGHUP that lowers control.max_cap takes effect without a restart, models kept."""
     from rackguard.agent.localbus import LocalBroker
-    from rackguard.sensors.sim import SimBackend
+    from rackguard.sim.node import SimBackend
 
     base = {
         "node": {"name": "reload"},

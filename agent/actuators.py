@@ -1,0 +1,169 @@
+"""Decision sinks: everything that acts on a decision implements :class:`DecisionSink`.
+
+* :class:`CapPublisher`: the retained ``.../cap`` message the inference servers obey.
+* :class:`PowerLimitSink`: the optional NVML power-limit writer (off the event loop,
+  retried until it lands, loud in ``/healthz`` while it fails).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Protocol
+
+from rackguard.agent import log as logmod
+from rackguard.agent.config import Config
+from rackguard.agent.control import ControlLoop
+from rackguard.agent.messages import Cap, NodeId, dump
+from rackguard.agent.metrics import Metrics
+from rackguard.agent.mqtt import MqttLink, Topics
+from rackguard.agent.power_limits import PowerLimitActuator, PowerLimitError
+from rackguard.controllers.api import Decision
+
+CAP_REASONS = ("mpc", "leak", "stale", "thermal", "gpu_lost", "manual")
+
+
+class DecisionSink(Protocol):
+    """Something that acts on each decision."""
+
+    def apply(self, decision: Decision, *, force: bool = False) -> None:
+        """Act on a decision (``force``: now, even if unchanged). Never blocks the event loop."""
+
+    def problems(self) -> list[str]:
+        """What is wrong with this sink now (for ``/healthz``); empty when healthy."""
+        ...
+
+    async def close(self) -> None:
+        """Finish pending work and undo what must not outlive the agent."""
+
+
+class CapPublisher:
+    """Publishes the cap on change, on ``force``, or every ``control.cap_refresh_s``."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        node: NodeId,
+        topics: Topics,
+        link: MqttLink,
+        metrics: Metrics,
+        control: ControlLoop,
+    ) -> None:
+        self.cfg = cfg.control
+        self.node, self.topics, self.link, self.metrics, self.control = node, topics, link, metrics, control
+        self.cap_msg: Cap | None = None
+        self.seq = 0
+        self._published_mono = -1e18
+        self.log = logmod.get("cap")
+
+    def reconfigure(self, cfg: Config) -> None:
+        self.cfg = cfg.control
+
+    def apply(self, decision: Decision, *, force: bool = False) -> None:
+        c = self.cfg
+        prev = self.cap_msg
+        changed = prev is None or (prev.caps, prev.reason, prev.binding) != (
+            list(decision.caps),
+            decision.reason,
+            decision.binding,
+        )
+        now_mono = time.monotonic()
+        if not (changed or force or now_mono - self._published_mono >= c.cap_refresh_s):
+            return
+        if changed:
+            self.log.info(
+                "cap_changed", total=decision.total, reason=decision.reason, binding=decision.binding
+            )
+        self.seq += 1
+        now = time.time()
+        self.cap_msg = Cap(
+            seq=self.seq,
+            t_s=now,
+            valid_until_s=now + c.cap_ttl_s,
+            node=self.node,
+            caps=list(decision.caps),
+            total=decision.total,
+            reason=decision.reason,
+            binding=decision.binding,
+            predicted_max_temp_c=decision.predicted_max_temp_c,
+            safe_cap=c.safe_cap,
+            max_cap=c.max_cap,
+            mpc_paused=self.control.paused,
+            manual_ceiling=self.control.manual_ceiling,
+        )
+        self._published_mono = now_mono
+        self.link.set_state(self.topics.cap, dump(self.cap_msg), expiry_s=round(c.cap_ttl_s))
+        self._metrics(decision)
+
+    def _metrics(self, decision: Decision) -> None:
+        m = self.metrics
+        for i, cap in enumerate(decision.caps):
+            m.cap.labels(str(i)).set(cap)
+        m.cap_total.set(decision.total)
+        for reason in CAP_REASONS:
+            m.cap_reason.labels(reason).set(1.0 if reason == decision.reason else 0.0)
+        m.mpc_paused.set(1.0 if self.control.paused else 0.0)
+        ceiling = self.control.manual_ceiling
+        m.manual_ceiling.set(-1.0 if ceiling is None else ceiling)
+
+    def problems(self) -> list[str]:
+        return []
+
+    async def close(self) -> None:
+        return None
+
+
+class PowerLimitSink:
+    """Hands changed decisions to the power-limit actuator, one write at a time, off the loop.
+
+    A failed write is retried every ``RETRY_S`` (and reported by :meth:`problems`) until one
+    succeeds. ``close`` waits for the last write and restores the saved limits.
+    """
+
+    RETRY_S = 10.0
+
+    def __init__(self, actuator: PowerLimitActuator) -> None:
+        self.actuator = actuator
+        self.error: str | None = None  # the last write failure, until one succeeds
+        self._retry_mono = 0.0
+        self._last: Decision | None = None
+        self._pending: Decision | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.log = logmod.get("power_limits")
+
+    def apply(self, decision: Decision, *, force: bool = False) -> None:
+        changed = self._last is None or (self._last.caps, self._last.reason) != (
+            decision.caps,
+            decision.reason,
+        )
+        retry = self.error is not None and time.monotonic() >= self._retry_mono
+        self._last = decision
+        if not (changed or retry):
+            return
+        self._pending = decision
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._writer())
+
+    async def _writer(self) -> None:
+        while (d := self._pending) is not None:
+            self._pending = None
+            try:
+                await asyncio.to_thread(self.actuator.apply, d)
+            except Exception as exc:  # PowerLimitError is logged and counted by the actuator
+                if not isinstance(exc, PowerLimitError):
+                    self.log.exception("power_limit_actuator_failed")
+                self.error = str(exc) or type(exc).__name__
+                self._retry_mono = time.monotonic() + self.RETRY_S
+            else:
+                self.error = None
+
+    def problems(self) -> list[str]:
+        return [] if self.error is None else [f"power limit write failed: {self.error}"]
+
+    async def close(self) -> None:
+        if self._task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._task, 2.0)
+        await asyncio.to_thread(self.actuator.restore)  # errors are logged there

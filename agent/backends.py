@@ -1,0 +1,46 @@
+"""The GPU backend a config names, and the host sensor.
+
+Backends are looked up by name (``sensors.backend``) so the daemon depends on the
+:class:`~rackguard.sensors.base.GpuBackend` interface only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from rackguard.agent import log as logmod
+from rackguard.agent.config import Config
+from rackguard.sensors.base import GpuBackend
+
+
+def _nvml(cfg: Config) -> GpuBackend:
+    from rackguard.sensors.nvml import NvmlBackend
+
+    return NvmlBackend(indices=cfg.sensors.gpu_indices)
+
+
+def _sim(cfg: Config) -> GpuBackend:
+    """Simulated GPUs alone (their servers, :class:`rackguard.sim.node.SimServers`, run beside the agent)."""
+    from rackguard.sim.node import from_config
+
+    return from_config(cfg)[0]
+
+
+FACTORIES: dict[str, Callable[[Config], GpuBackend]] = {"nvml": _nvml, "sim": _sim}
+
+
+def make_backend(cfg: Config) -> GpuBackend:
+    """The GPU backend named by ``sensors.backend``."""
+    return FACTORIES[cfg.sensors.backend](cfg)
+
+
+def host_sensor() -> Any:
+    """The psutil host sensor, or None where it cannot start (host stats are best effort)."""
+    try:
+        from rackguard.sensors.host import HostSensor
+
+        return HostSensor()
+    except Exception as exc:
+        logmod.get("agent").warning("host_sensor_unavailable", error=str(exc))
+        return None

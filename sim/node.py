@@ -1,0 +1,419 @@
+"""A simulated node on the far side of a real node's interfaces.
+
+* :class:`SimBackend` is read by the agent like NVML: a :class:`~rackguard.sensors.base.GpuBackend`
+  over the benchmark's :class:`~rackguard.sim.plant.Plant` (same thermal model, power curve,
+  request drain and coolant coupling), advanced in real time.
+* :class:`SimServers` are the node's inference servers. Like a server with the gate
+  (``rackguard.agent.gate``) they obey the retained ``.../cap`` over MQTT (``caps[gpu]``
+  until ``valid_until_s``; ``safe_cap`` before the first cap, after expiry, and while the
+  agent's status is ``offline``) and report their load on ``.../gate/sim-gpu<N>``. A real
+  gate reporting for a GPU takes over that GPU's offered load. They also read the rack's
+  coolant sensors, which is how the simulated GPUs feel the simulated CDU's water.
+
+The agent cannot tell this node from a real one: it reads GPUs, publishes the cap and
+counts gate reports, as it does on hardware.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+from pydantic import ValidationError
+
+from rackguard.agent import log as logmod
+from rackguard.agent.config import Config
+from rackguard.agent.messages import Cap, GateReport, dump
+from rackguard.agent.mqtt import ClientFactory, ClientLike, Topics
+from rackguard.controllers.power import PowerCurve, RequestTiming
+from rackguard.controllers.thermal import DEFAULT_PARAMS
+from rackguard.sensors.base import GpuBackend, GpuInfo, GpuLost, GpuSample, GpuThresholds
+from rackguard.sensors.coolant import CoolantSensor, Reading, parse
+from rackguard.sim.plant import Plant, PlantConfig
+
+H100_THRESHOLDS = GpuThresholds(slowdown_c=89.0, shutdown_c=95.0, gpu_max_c=87.0, mem_max_c=95.0)
+# An H100 SXM serving LLM decode: 70 W idle, 700 W at saturation (63 % of the span at 24 in flight).
+DEFAULT_CURVE = PowerCurve(idle_w=70.0, span_w=630.0, sat_concurrency=24.0)
+POWER_LIMIT_MIN_W = 200.0
+MAX_CATCH_UP_S = 600.0  # a reader that stalls longer skips the rest (the plant does not replay hours)
+
+
+def plant_config(
+    gpus: int, *, temp_noise_c: float = 0.3, power: PowerCurve = DEFAULT_CURVE, **kw: float
+) -> PlantConfig:
+    """The demo node's plant: the trace-fitted thermal model, an H100 decode power curve."""
+    return PlantConfig(n_gpus=gpus, thermal=DEFAULT_PARAMS, power=power, temp_noise_c=temp_noise_c, **kw)  # type: ignore[arg-type]
+
+
+class SimBackend(GpuBackend):
+    """N simulated GPUs behind the GpuBackend interface, on the benchmark plant.
+
+    The plant advances in its own substeps (0.1 s) up to ``clock()`` whenever something
+    reads or changes it. Caps start unlimited: until someone obeys a cap, the GPUs serve
+    what is offered.
+
+    Args:
+        gpus: Number of GPUs.
+        config: The plant (default: :func:`plant_config`).
+        offered_concurrency: Requests the clients want in flight per GPU.
+        supply_temp_c: Coolant supply temperature.
+        flow_lpm: Coolant flow through the node's cold plates.
+        seed: Noise seed.
+        clock: Monotonic seconds (tests pass their own).
+    """
+
+    name = "sim"
+
+    def __init__(
+        self,
+        gpus: int = 8,
+        *,
+        config: PlantConfig | None = None,
+        offered_concurrency: float = 256.0,
+        supply_temp_c: float = 32.0,
+        flow_lpm: float = 12.0,
+        seed: int = 0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config or plant_config(gpus)
+        if self.config.n_gpus != gpus:
+            self.config = replace(self.config, n_gpus=gpus)
+        self.plant = Plant(self.config, supply_temp_c, seed=seed)
+        self.plant.flow_lpm = flow_lpm
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._t = clock()
+        self.caps = np.full(gpus, math.inf)
+        self.offered = np.full(gpus, max(0.0, offered_concurrency))
+        self._lost: dict[int, tuple[str, float]] = {}
+
+    # -- the far side: load, caps, water, faults ---------------------------------------
+    def set_offered(self, concurrency: float | list[float]) -> None:
+        """Requests the clients want in flight (per GPU, or one value for all)."""
+        with self._lock:
+            self._advance()
+            self.offered[:] = np.maximum(np.asarray(concurrency, dtype=float), 0.0)
+
+    def set_caps(self, caps: list[float] | tuple[float, ...]) -> None:
+        """The servers' admission limits per GPU (``math.inf``: none)."""
+        with self._lock:
+            self._advance()
+            self.caps[:] = np.asarray(caps, dtype=float)
+
+    def set_coolant(self, *, supply_temp_c: float | None = None, flow_lpm: float | None = None) -> None:
+        """The water reaching the cold plates (from the simulated CDU's readings)."""
+        with self._lock:
+            self._advance()
+            if supply_temp_c is not None:
+                self.plant.supply_c = supply_temp_c
+            if flow_lpm is not None:
+                self.plant.flow_lpm = max(1e-3, flow_lpm)
+
+    def lose_gpu(self, index: int, error: str = "GPU is lost", *, hang_s: float = 0.0) -> None:
+        """Fault drill: reads of this GPU raise GpuLost (after hanging ``hang_s``)."""
+        self._lost[index] = (error, hang_s)
+
+    def restore_gpu(self, index: int) -> None:
+        self._lost.pop(index, None)
+
+    # -- truth (tests, the simulated servers) --------------------------------------------
+    def served(self, index: int) -> float:
+        """Requests in flight on a GPU now."""
+        with self._lock:
+            self._advance()
+            return float(self.plant.served[index])
+
+    def die_temp_c(self, index: int) -> float:
+        """The true (unrounded) die temperature."""
+        with self._lock:
+            self._advance()
+            return float(self.plant.die_c()[index])
+
+    def total_power_w(self) -> float:
+        with self._lock:
+            self._advance()
+            return float(np.sum(self.plant.power_w))
+
+    def _advance(self) -> None:
+        """Run the plant up to now in whole substeps (caller holds the lock)."""
+        now = self.clock()
+        sub = self.config.substep_s
+        n = int((now - self._t) / sub + 1e-9)
+        if n <= 0:
+            return
+        if n * sub > MAX_CATCH_UP_S:
+            n = round(MAX_CATCH_UP_S / sub)
+            self._t = now - n * sub
+        p = self.plant
+        p.advance(n * sub, self.caps, self.offered, p.supply_c, p.flow_lpm)
+        self._t += n * sub
+
+    # -- GpuBackend ----------------------------------------------------------------------
+    def open(self) -> list[GpuInfo]:
+        return [self._info(i) for i in range(self.config.n_gpus)]
+
+    def _info(self, index: int) -> GpuInfo:
+        p_max = self.config.power.idle_w + self.config.power.span_w
+        return GpuInfo(
+            index=index,
+            uuid=f"GPU-5140-0000-0000-0000-{index:012d}",
+            name="Simulated H100 80GB HBM3",
+            thresholds=H100_THRESHOLDS,
+            power_limit_min_w=POWER_LIMIT_MIN_W,
+            power_limit_max_w=p_max,
+            power_limit_default_w=p_max,
+        )
+
+    def reopen(self, index: int) -> GpuInfo:
+        if index in self._lost:
+            raise GpuLost(f"gpu {index}: {self._lost[index][0]}")
+        return self._info(index)
+
+    def read(self, index: int, *, slow: bool) -> GpuSample:
+        if (lost := self._lost.get(index)) is not None:
+            if lost[1]:
+                time.sleep(lost[1])
+            raise GpuLost(f"gpu {index}: {lost[0]}")
+        with self._lock:
+            self._advance()
+            p = self.plant
+            noise = self.config.temp_noise_c * p.rng.standard_normal(2)
+            power_w = float(p.power_w[index])
+            die_c = float(p.die_c()[index]) + noise[0]
+            mem_c = float(p.mem_c()[index]) + noise[1]
+            served = float(p.served[index])
+            energy_j = float(p.energy_j[index])
+        p_max = self.config.power.idle_w + self.config.power.span_w
+        events: tuple[str, ...] = ()
+        if power_w >= 0.98 * p_max:
+            events = ("sw_power_cap",)
+        elif served <= 0:
+            events = ("gpu_idle",)
+        return GpuSample(
+            index=index,
+            t_s=time.time(),
+            power_w=round(power_w, 3),
+            gpu_temp_c=float(round(die_c)),  # NVML reports whole degrees
+            sm_clock_mhz=1980.0 if served > 0 else 345.0,
+            util_pct=round(100.0 * served / (served + 1.0), 1),
+            power_limit_w=p_max,
+            clock_events=events,
+            energy_j=round(energy_j, 3) if slow else None,
+            mem_temp_c=float(round(mem_c)) if slow else None,
+        )
+
+
+@dataclass(slots=True)
+class _Server:
+    """One GPU's simulated server: what the agent said, and its counters."""
+
+    cap: int | None = None
+    valid_until_s: float = 0.0
+    completed: float = 0.0
+    tokens: float = 0.0
+    external_in_flight: int | None = None  # a real gate reported for this GPU
+    external_mono_s: float = -math.inf
+
+
+@dataclass
+class SimServers:
+    """The simulated node's inference servers: obey the cap, report load, feel the water.
+
+    Args:
+        backend: The simulated GPUs they run on.
+        node_topic: The agent's topic root ``<prefix>/<site>/<rack>/<node>``.
+        safe_cap: The limit while there is no valid cap (as a gate's ``safe_cap``).
+        offered_concurrency: Requests the clients want in flight per GPU.
+        coolant_sensors: The rack's declared coolant sensors; supply and flow readings cool the GPUs.
+        coolant_subscribe: Topic filters to subscribe to for them.
+        tokens_per_request: New tokens per request (energy per token).
+        report_period_s: How often each server publishes its gate report.
+        external_max_age_s: A real gate's report stays in charge of its GPU's load this long.
+    """
+
+    backend: SimBackend
+    node_topic: str
+    safe_cap: int = 8
+    offered_concurrency: float = 256.0
+    coolant_sensors: list[CoolantSensor] = field(default_factory=list)
+    coolant_subscribe: list[str] = field(default_factory=list)
+    tokens_per_request: int = 128
+    report_period_s: float = 1.0
+    external_max_age_s: float = 3.0
+    tick_s: float = 0.1
+
+    def __post_init__(self) -> None:
+        self.servers = [_Server() for _ in range(self.backend.config.n_gpus)]
+        self.agent_online: bool | None = None
+        self.log = logmod.get("sim")
+        self._timing: RequestTiming = self.backend.config.requests
+
+    def gate_id(self, gpu: int) -> str:
+        return f"sim-gpu{gpu}"
+
+    # -- what arrives ------------------------------------------------------------------
+    def handle(self, topic: str, payload: bytes) -> None:
+        """One MQTT message; anything malformed is ignored (the agent counts its own rejects)."""
+        base = self.node_topic
+        try:
+            if topic == f"{base}/cap":
+                if payload:
+                    cap = Cap.model_validate_json(payload)
+                    for i, s in enumerate(self.servers):
+                        if i < len(cap.caps):
+                            s.cap, s.valid_until_s = cap.caps[i], cap.valid_until_s
+            elif topic == f"{base}/status":
+                self.agent_online = json.loads(payload).get("state") == "online" if payload else False
+            elif topic.startswith(f"{base}/gate/"):
+                report = GateReport.model_validate_json(payload)
+                if report.gate_id.startswith("sim-") or report.gpu is None:
+                    return
+                if report.gpu < len(self.servers):
+                    s = self.servers[report.gpu]
+                    s.external_in_flight, s.external_mono_s = report.in_flight, time.monotonic()
+            else:
+                self._coolant(topic, payload)
+        except (ValidationError, ValueError, AttributeError) as exc:
+            self.log.debug("sim_ignored", topic=topic, error=str(exc)[:200])
+
+    def _coolant(self, topic: str, payload: bytes) -> None:
+        for sensor in self.coolant_sensors:
+            if sensor.topic != topic:
+                continue
+            r = parse(sensor, payload, now_s=time.time(), max_future_s=3600.0)
+            if isinstance(r, Reading):
+                v = r.values
+                self.backend.set_coolant(supply_temp_c=v.get("supply_temp_c"), flow_lpm=v.get("flow_lpm"))
+
+    # -- what the servers do ----------------------------------------------------------
+    def limits(self, now_s: float) -> list[int | None]:
+        """Each server's valid cap now (None: no valid cap, or the agent is offline: safe_cap applies)."""
+        online = self.agent_online is not False
+        return [
+            s.cap if s.cap is not None and now_s < s.valid_until_s and online else None for s in self.servers
+        ]
+
+    def step(self, dt_s: float) -> None:
+        """Apply limits and offered load to the GPUs; count completed requests."""
+        now_mono = time.monotonic()
+        offered = []
+        for s in self.servers:
+            ext = s.external_in_flight
+            fresh = ext is not None and now_mono - s.external_mono_s <= self.external_max_age_s
+            offered.append(float(ext) if fresh and ext is not None else self.offered_concurrency)
+        self.backend.set_offered(offered)
+        self.backend.set_caps([self.safe_cap if c is None else c for c in self.limits(time.time())])
+        for i, s in enumerate(self.servers):
+            served = self.backend.served(i)
+            done = served / float(self._timing.duration_s(served)) * dt_s
+            s.completed += done
+            s.tokens += done * self.tokens_per_request
+
+    def reports(self) -> list[tuple[str, bytes]]:
+        """Gate reports for the GPUs no real gate is in charge of."""
+        out = []
+        now_mono, now = time.monotonic(), time.time()
+        limits = self.limits(now)
+        for i, s in enumerate(self.servers):
+            if s.external_in_flight is not None and now_mono - s.external_mono_s <= self.external_max_age_s:
+                continue
+            report = GateReport(
+                gate_id=self.gate_id(i),
+                gpu=i,
+                t_s=now,
+                in_flight=round(self.backend.served(i)),
+                limit=self.safe_cap if (cap := limits[i]) is None else cap,
+                source="safe" if cap is None else "mqtt",
+                completed_total=int(s.completed),
+                tokens_total=int(s.tokens),
+            )
+            out.append((f"{self.node_topic}/gate/{self.gate_id(i)}", dump(report)))
+        return out
+
+    async def run(self, factory: ClientFactory, stop: asyncio.Event) -> None:
+        """Connect, subscribe, and serve until ``stop``; reconnects after broker faults."""
+        while not stop.is_set():
+            try:
+                async with factory(None) as client:
+                    for topic in (
+                        f"{self.node_topic}/cap",
+                        f"{self.node_topic}/status",
+                        f"{self.node_topic}/gate/+",
+                        *self.coolant_subscribe,
+                    ):
+                        await client.subscribe(topic, qos=1)
+                    reader = asyncio.create_task(self._read(client))
+                    try:
+                        await self._serve(client, stop)
+                    finally:
+                        reader.cancel()
+                        with contextlib.suppress(asyncio.CancelledError, Exception):
+                            await reader
+            except Exception as exc:  # broker gone: keep the GPUs on safe caps and retry
+                self.log.debug("sim_servers_disconnected", error=str(exc)[:200])
+                self.agent_online = False
+                self.step(0.0)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 1.0)
+
+    async def _read(self, client: ClientLike) -> None:
+        async for m in client.messages:
+            self.handle(str(m.topic), bytes(m.payload or b""))
+
+    async def _serve(self, client: ClientLike, stop: asyncio.Event) -> None:
+        next_report = time.monotonic() + self.report_period_s
+        last = time.monotonic()
+        while not stop.is_set():
+            now = time.monotonic()
+            self.step(now - last)
+            last = now
+            if now >= next_report:
+                next_report = now + self.report_period_s
+                for topic, payload in self.reports():
+                    await client.publish(topic, payload, qos=0, retain=False, timeout=5.0)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.tick_s)
+
+
+def from_config(cfg: Config, *, seed: int | None = None) -> tuple[SimBackend, SimServers]:
+    """The simulated node a config describes (``[sim]``), with servers on the agent's topics."""
+    sc = cfg.sim
+    backend = SimBackend(
+        sc.gpus,
+        config=plant_config(sc.gpus, temp_noise_c=sc.ambient_noise_c),
+        offered_concurrency=sc.offered_concurrency,
+        supply_temp_c=sc.supply_temp_c,
+        flow_lpm=sc.flow_lpm,
+        seed=sc.seed if seed is None else seed,
+    )
+    servers = SimServers(
+        backend,
+        Topics.for_node(cfg.node, cfg.mqtt.topic_prefix).base,
+        safe_cap=cfg.control.safe_cap,
+        offered_concurrency=sc.offered_concurrency,
+        coolant_sensors=list(cfg.coolant.sensors),
+        coolant_subscribe=list(
+            dict.fromkeys([*cfg.coolant.subscribe, *(s.topic for s in cfg.coolant.sensors)])
+        ),
+        external_max_age_s=cfg.gate.report_max_age_s,
+    )
+    return backend, servers
+
+
+async def run_beside(agent_run: Awaitable[int], servers: SimServers, factory: ClientFactory) -> int:
+    """Run the simulated servers while the agent runs; returns the agent's exit code."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(servers.run(factory, stop))
+    try:
+        return await agent_run
+    finally:
+        stop.set()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(task, 5.0)
