@@ -12,8 +12,14 @@ import structlog
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
+# What configure() last set: (level, format); a reload that changes ``log.*`` calls it again.
+current: tuple[str, str] = ("info", "auto")
+
+
 def configure(level: str = "info", fmt: str = "auto") -> None:
     """Configure structlog for the process. ``fmt`` is auto, json or console."""
+    global current
+    current = (level, fmt)
     use_json = fmt == "json" or (fmt == "auto" and not sys.stdout.isatty())
     renderer: Any = structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer()
     structlog.configure(

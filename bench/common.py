@@ -117,7 +117,7 @@ class Recorder:
             with contextlib.suppress(ValueError, IndexError):
                 self.sys[topic] = (now, float(payload.split()[0]))
             return
-        kind = topic.rsplit("/", 1)[-1]
+        kind = "gate" if "/gate/" in topic else topic.rsplit("/", 1)[-1]
         reason = status = seq = None
         historical = False
         if kind == "cap" and payload:
@@ -168,7 +168,11 @@ class Recorder:
 
 
 def traffic(records: list[tuple[float, str, int]], seconds: float, nodes: int) -> dict[str, Any]:
-    """Messages and bytes per node per second, by kind and in total, from ``(t_s, kind, bytes)``."""
+    """Messages and bytes per node per second, by kind and in total, from ``(t_s, kind, bytes)``.
+
+    The totals count what the agent publishes; the inference servers' gate reports (kind ``gate``,
+    from the simulated servers beside a simulated node) are listed by kind only.
+    """
     sums: dict[str, list[int]] = {}
     for _, kind, n in records:
         c = sums.setdefault(kind, [0, 0])
@@ -181,8 +185,9 @@ def traffic(records: list[tuple[float, str, int]], seconds: float, nodes: int) -
         }
         for k, (m, b) in sorted(sums.items())
     }
-    msgs = sum(m for m, _ in sums.values()) / seconds / nodes
-    byts = sum(b for _, b in sums.values()) / seconds / nodes
+    agent = [v for k, v in sums.items() if k != "gate"]
+    msgs = sum(m for m, _ in agent) / seconds / nodes
+    byts = sum(b for _, b in agent) / seconds / nodes
     return {"msgs_per_node_s": round(msgs, 4), "bytes_per_node_s": round(byts, 1), "by_kind": by_kind}
 
 

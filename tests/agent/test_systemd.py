@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from rackguard.agent import config as configmod
-from rackguard.agent.daemon import Agent, split_reload
+from rackguard.agent.config import split_reload
+from rackguard.agent.daemon import Agent
 from rackguard.agent.notify import Notifier
 
 REPO = Path(__file__).resolve().parents[2]
@@ -141,7 +142,7 @@ def test_daemon_ready_watchdog_status_and_sighup_reload(
         while "reloaded" not in log.read_text() and time.monotonic() < deadline + 10:
             time.sleep(0.05)
         reloaded = json.loads(next(ln for ln in log.read_text().splitlines() if '"reloaded"' in ln))
-        assert reloaded["needs_restart"] == ["mqtt"]
+        assert reloaded["needs_restart"] == ["mqtt.port"]
         msgs = s.drain()
         assert any(m.startswith("RELOADING=1") for m in msgs)
         assert proc.poll() is None
@@ -171,11 +172,11 @@ async def test_watchdog_is_fed_by_the_tick_loop(
     stalled = {"done": False}
     real_step = agent.control_step
 
-    def stall_once() -> object:
+    def stall_once(snap: object = None) -> object:
         if not stalled["done"] and agent.telemetry_seq >= 1:
             stalled["done"] = True
             time.sleep(1.5)  # the loop itself is stuck (e.g. a blocking call on the event loop)
-        return real_step()
+        return real_step(snap)  # type: ignore[arg-type]
 
     monkeypatch.setattr(agent, "control_step", stall_once)
     task = asyncio.create_task(agent.run())
@@ -200,7 +201,7 @@ def test_split_reload_keeps_restart_keys() -> None:
         {"mqtt": {"port": 1884}, "telemetry": {"publish_period_s": 2.0}, "log": {"level": "debug"}}
     )
     applied, kept = split_reload(old, new)
-    assert kept == ["mqtt"]
+    assert kept == ["mqtt.port"]
     assert (
         applied.mqtt.port == 1883
         and applied.telemetry.publish_period_s == 2.0
