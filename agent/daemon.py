@@ -250,6 +250,10 @@ class Agent:
             return None
         return PowerLimitSink(actuator)
 
+    def _nvml_call_metric(self) -> Callable[[Any], None]:
+        fast, slow = (self.metrics.nvml_call_s.labels(kind) for kind in ("fast", "slow"))
+        return lambda c: (slow if c.slow else fast).observe(c.seconds)
+
     # -- lifecycle ---------------------------------------------------------------------
     def request_stop(self, reason: str = "signal") -> None:
         if not self.stop.is_set():
@@ -277,9 +281,7 @@ class Agent:
             slow_every=max(1, round(s.slow_period_s / s.poll_period_s)),
             retry_min_s=s.lost_retry_min_s,
             retry_max_s=s.lost_retry_max_s,
-            on_call=lambda c: self.metrics.nvml_call_s.labels("slow" if c.slow else "fast").observe(
-                c.seconds
-            ),
+            on_call=self._nvml_call_metric(),
         )
         self.reports.gpus = self.poller.gpus
         self.control = ControlLoop.from_config(self.cfg, self.infos)

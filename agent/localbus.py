@@ -35,14 +35,14 @@ class LocalBroker:
     def client(self, will: aiomqtt.Will | None = None) -> LocalClient:
         return LocalClient(self, will)
 
-    def route(self, topic: str, payload: bytes, retain: bool) -> None:
+    def route(self, topic: str, payload: bytes, retain: bool, sender: LocalClient | None = None) -> None:
         if retain:
             if payload:
                 self.retained[topic] = payload
             else:
                 self.retained.pop(topic, None)
         for s in self.sessions:
-            if any(topic_matches(f, topic) for f in s.filters):
+            if any(topic_matches(f, topic) and not (s is sender and local) for f, local in s.filters):
                 s.queue.put_nowait(LocalMessage(topic, payload))
 
 
@@ -52,7 +52,7 @@ class LocalClient:
     def __init__(self, broker: LocalBroker, will: aiomqtt.Will | None) -> None:
         self.broker = broker
         self.will = will
-        self.filters: list[str] = []
+        self.filters: list[tuple[str, bool]] = []  # (filter, no_local)
         self.queue: asyncio.Queue[LocalMessage] = asyncio.Queue()
 
     async def __aenter__(self) -> LocalClient:
@@ -72,10 +72,10 @@ class LocalClient:
     async def publish(
         self, topic: str, payload: bytes, qos: int = 0, retain: bool = False, properties: Any = None, **_: Any
     ) -> None:
-        self.broker.route(topic, bytes(payload), retain)
+        self.broker.route(topic, bytes(payload), retain, sender=self)
 
-    async def subscribe(self, topic: str, qos: int = 0) -> None:
-        self.filters.append(topic)
+    async def subscribe(self, topic: str, qos: int = 0, options: Any = None) -> None:
+        self.filters.append((topic, bool(getattr(options, "noLocal", False))))
         for t, p in self.broker.retained.items():
             if topic_matches(topic, t):
                 self.queue.put_nowait(LocalMessage(t, p, retain=True))

@@ -32,6 +32,7 @@ import aiomqtt
 from paho.mqtt.client import topic_matches_sub as _paho_topic_matches
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from rackguard.agent import log as logmod
 from rackguard.agent.config import Config, MqttConfig, NodeConfig
@@ -39,6 +40,11 @@ from rackguard.agent.outbox import MemoryOutbox, Outbox, OutMsg
 
 Handler = Callable[[str, bytes], None]
 PUBLISH_WINDOW = 64  # QoS 1 messages in flight at once while draining
+
+
+def no_local(qos: int = 1) -> SubscribeOptions:
+    """MQTT 5 subscription options: the broker does not echo this client's own publishes."""
+    return SubscribeOptions(qos=qos, noLocal=True)
 
 
 def topic_matches(topic_filter: str, topic: str) -> bool:
@@ -90,7 +96,7 @@ class ClientLike(Protocol):
     async def publish(
         self, topic: str, payload: bytes, qos: int, retain: bool, properties: Any = ..., *, timeout: float
     ) -> None: ...
-    async def subscribe(self, topic: str, qos: int) -> Any: ...
+    async def subscribe(self, topic: str, qos: int = 0, options: Any = None) -> Any: ...
     @property
     def messages(self) -> AsyncIterator[Any]: ...
 

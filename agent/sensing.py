@@ -15,6 +15,8 @@ if TYPE_CHECKING:
 
 import asyncio
 import concurrent.futures
+import contextlib
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -95,18 +97,22 @@ class GpuPoller:
                 self.on_call(NvmlCallStat(index, time.perf_counter() - t0, slow))
 
     async def poll(self) -> list[GpuState]:
-        """One poll of every GPU. Never raises for a GPU's failure."""
+        """One poll of every GPU. Never raises for a GPU's failure.
+
+        Each GPU's call runs on its own thread (a hung GPU blocks only itself); the event
+        loop is woken once, when the last call of this poll finishes or the timeout passes.
+        """
         slow = self._polls % self.slow_every == 0
         self._polls += 1
         now = time.monotonic()
         loop = asyncio.get_running_loop()
-        pending: dict[asyncio.Future[Any], tuple[GpuState, str]] = {}
-        cf: concurrent.futures.Future[Any]
+        pending: list[tuple[concurrent.futures.Future[Any], GpuState, str]] = []
         for g in self.gpus:
             if g.busy is not None and not g.busy.done():
                 continue  # still stuck in a previous call
             g.busy = None
             idx = g.info.index
+            cf: concurrent.futures.Future[Any]
             if g.state == "ok":
                 cf = self._pools[idx].submit(self._timed_read, idx, slow or g.sample is None)
                 kind = "read"
@@ -116,38 +122,57 @@ class GpuPoller:
             else:
                 continue
             g.busy = cf
-            pending[asyncio.wrap_future(cf, loop=loop)] = (g, kind)
-        if pending:
-            done, not_done = await asyncio.wait(pending, timeout=self.read_timeout_s)
-            for fut in done:
-                g, kind = pending[fut]
-                exc = fut.exception()
-                if kind == "read":
-                    if exc is None:
-                        self._merge(g, fut.result())
-                    else:
-                        self._mark_lost(g, exc, now)
-                elif exc is None:
-                    self._recovered(g, fut.result())
-                else:
-                    self._schedule_retry(g, now, str(exc))
-            for fut in not_done:
-                g, kind = pending[fut]
-                fut.add_done_callback(_swallow)
+            pending.append((cf, g, kind))
+        if not pending:
+            return self.gpus
+        all_done: asyncio.Future[None] = loop.create_future()
+        left = [len(pending)]
+        lock = threading.Lock()
+
+        def one_done(_: concurrent.futures.Future[Any]) -> None:
+            with lock:
+                left[0] -= 1
+                last = left[0] == 0
+            if last:
+                loop.call_soon_threadsafe(_set_done, all_done)
+
+        for cf, _, _ in pending:
+            cf.add_done_callback(one_done)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(all_done), self.read_timeout_s)
+        for cf, g, kind in pending:
+            if not cf.done():
                 err = f"call timed out after {self.read_timeout_s:g} s"
                 if kind == "read":
                     self._mark_lost(g, TimeoutError(err), now)
                 else:
                     self._schedule_retry(g, now, err)
+                continue
+            exc = cf.exception()
+            result: Any = None if exc is not None else cf.result()
+            if kind == "read":
+                if exc is None:
+                    self._merge(g, result)
+                else:
+                    self._mark_lost(g, exc, now)
+            elif exc is None:
+                self._recovered(g, result)
+            else:
+                self._schedule_retry(g, now, str(exc))
         return self.gpus
 
     def _merge(self, g: GpuState, s: GpuSample) -> None:
+        """Keep the sample; slow fields it did not read carry forward from the last one."""
         prev = g.sample
-        if prev is not None:
-            if s.energy_j is None and prev.energy_j is not None:
-                s = replace(s, energy_j=prev.energy_j)
-            if s.mem_temp_c is None and prev.mem_temp_c is not None:
-                s = replace(s, mem_temp_c=prev.mem_temp_c)
+        if prev is not None and (
+            (s.energy_j is None and prev.energy_j is not None)
+            or (s.mem_temp_c is None and prev.mem_temp_c is not None)
+        ):
+            s = replace(
+                s,
+                energy_j=prev.energy_j if s.energy_j is None else s.energy_j,
+                mem_temp_c=prev.mem_temp_c if s.mem_temp_c is None else s.mem_temp_c,
+            )
         g.sample = s
 
     def _mark_lost(self, g: GpuState, exc: BaseException, now: float) -> None:
@@ -174,6 +199,6 @@ class GpuPoller:
         self.log.info("gpu_recovered", gpu=info.index, uuid=info.uuid, lost_for_s=round(lost_for, 3))
 
 
-def _swallow(fut: asyncio.Future[Any]) -> None:
-    if not fut.cancelled():
-        fut.exception()
+def _set_done(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)

@@ -21,8 +21,10 @@ class _Acc:
     def add(self, v: float) -> None:
         self.n += 1
         self.total += v
-        self.lo = min(self.lo, v)
-        self.hi = max(self.hi, v)
+        if v < self.lo:
+            self.lo = v
+        if v > self.hi:
+            self.hi = v
 
     def stat(self) -> Stat | None:
         if not self.n:
@@ -56,7 +58,9 @@ class Window:
             s = g.sample
             if g.state != "ok" or s is None:
                 continue
-            w = self._gpus.setdefault(g.info.index, _GpuWindow())
+            w = self._gpus.get(g.info.index)
+            if w is None:
+                w = self._gpus[g.info.index] = _GpuWindow()
             if w.seen_t_s == s.t_s:
                 continue
             w.seen_t_s = s.t_s

@@ -48,7 +48,7 @@ class RequestTiming:
     sequence: its KV cache and compute), so a request of a fixed number of new tokens lasts
     ``duration_s(c) = base_s + per_concurrency_s·c``.
 
-    Defaults, from /work/shared/data/h100_llm_decode.csv (256 prompt + 128 new tokens per
+    Defaults, from tests/data/h100_llm_decode.csv (256 prompt + 128 new tokens per
     request) and shared/facts/h100.md: at concurrency 1, 0.88 J/token at 132 W is
     150 tokens/s, so 128 tokens last 0.85 s; at 256, the first batch's prefill burst at
     t = 108.0 s is followed by the next one at 122.5 s, so a request lasts ≈ 14.5 s

@@ -104,7 +104,7 @@ class ThermalParams:
         return x_plate + self.r_die_plate_k_per_w * power_w, x_plate, x_plate + self.r_mem_k_per_w * power_w
 
 
-# Fitted offline with `rackguard model fit /work/shared/data/h100_llm_decode.csv` (H100 80GB
+# Fitted offline with `rackguard model fit tests/data/h100_llm_decode.csv` (H100 80GB
 # HBM3, driver 580.159.04, NVML sampled at 0.1 s; open-loop die RMSE 0.88 K, HBM 1.12 K) and
 # rounded. With the die path held fixed, h100_matmul_burst.csv fits with RMSE 1.6 K (only
 # supply and initial state refitted). tau_die sits at the fit's lower bound: on NVML's 0.1 s
@@ -265,7 +265,7 @@ def simulate_rise(
 
 @dataclass(frozen=True, slots=True)
 class Trace:
-    """A measured trace (see /work/shared/data/README.md)."""
+    """A measured trace (see tests/data/README.md)."""
 
     t_s: FloatArray
     power_w: FloatArray

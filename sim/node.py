@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import json
 import math
+import random
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -31,7 +32,7 @@ from pydantic import ValidationError
 from rackguard.agent import log as logmod
 from rackguard.agent.config import Config
 from rackguard.agent.messages import Cap, GateReport, dump
-from rackguard.agent.mqtt import ClientFactory, ClientLike, Topics
+from rackguard.agent.mqtt import ClientFactory, ClientLike, Topics, no_local
 from rackguard.controllers.power import PowerCurve, RequestTiming
 from rackguard.controllers.thermal import DEFAULT_PARAMS
 from rackguard.sensors.base import GpuBackend, GpuInfo, GpuLost, GpuSample, GpuThresholds
@@ -93,6 +94,26 @@ class SimBackend(GpuBackend):
         self.caps = np.full(gpus, math.inf)
         self.offered = np.full(gpus, max(0.0, offered_concurrency))
         self._lost: dict[int, tuple[str, float]] = {}
+        # Sensor noise per GPU: each GPU is read from its own thread, so each has its own generator.
+        self._noise = [random.Random(seed * 1000 + i) for i in range(gpus)]
+        self._view = self._make_view()
+
+    def _make_view(self) -> _View:
+        p = self.plant
+        return _View(
+            power_w=p.power_w.tolist(),
+            die_c=p.die_c().tolist(),
+            mem_c=p.mem_c().tolist(),
+            served=p.served.tolist(),
+            energy_j=p.energy_j.tolist(),
+        )
+
+    def _now_view(self) -> _View:
+        """The plant's state now: advanced (under the lock) only when a substep is due."""
+        if self.clock() - self._t >= self.config.substep_s - 1e-9:
+            with self._lock:
+                self._advance()
+        return self._view
 
     # -- the far side: load, caps, water, faults ---------------------------------------
     def set_offered(self, concurrency: float | list[float]) -> None:
@@ -126,20 +147,14 @@ class SimBackend(GpuBackend):
     # -- truth (tests, the simulated servers) --------------------------------------------
     def served(self, index: int) -> float:
         """Requests in flight on a GPU now."""
-        with self._lock:
-            self._advance()
-            return float(self.plant.served[index])
+        return self._now_view().served[index]
 
     def die_temp_c(self, index: int) -> float:
         """The true (unrounded) die temperature."""
-        with self._lock:
-            self._advance()
-            return float(self.plant.die_c()[index])
+        return self._now_view().die_c[index]
 
     def total_power_w(self) -> float:
-        with self._lock:
-            self._advance()
-            return float(np.sum(self.plant.power_w))
+        return sum(self._now_view().power_w)
 
     def _advance(self) -> None:
         """Run the plant up to now in whole substeps (caller holds the lock)."""
@@ -154,6 +169,7 @@ class SimBackend(GpuBackend):
         p = self.plant
         p.advance(n * sub, self.caps, self.offered, p.supply_c, p.flow_lpm)
         self._t += n * sub
+        self._view = self._make_view()
 
     # -- GpuBackend ----------------------------------------------------------------------
     def open(self) -> list[GpuInfo]:
@@ -181,15 +197,11 @@ class SimBackend(GpuBackend):
             if lost[1]:
                 time.sleep(lost[1])
             raise GpuLost(f"gpu {index}: {lost[0]}")
-        with self._lock:
-            self._advance()
-            p = self.plant
-            noise = self.config.temp_noise_c * p.rng.standard_normal(2)
-            power_w = float(p.power_w[index])
-            die_c = float(p.die_c()[index]) + noise[0]
-            mem_c = float(p.mem_c()[index]) + noise[1]
-            served = float(p.served[index])
-            energy_j = float(p.energy_j[index])
+        v = self._now_view()
+        rng, sd = self._noise[index], self.config.temp_noise_c
+        power_w, served, energy_j = v.power_w[index], v.served[index], v.energy_j[index]
+        die_c = v.die_c[index] + rng.gauss(0.0, sd)
+        mem_c = v.mem_c[index] + rng.gauss(0.0, sd)
         p_max = self.config.power.idle_w + self.config.power.span_w
         events: tuple[str, ...] = ()
         if power_w >= 0.98 * p_max:
@@ -208,6 +220,17 @@ class SimBackend(GpuBackend):
             energy_j=round(energy_j, 3) if slow else None,
             mem_temp_c=float(round(mem_c)) if slow else None,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class _View:
+    """The plant's per-GPU state after a substep (plain floats, replaced whole: reads need no lock)."""
+
+    power_w: list[float]
+    die_c: list[float]
+    mem_c: list[float]
+    served: list[float]
+    energy_j: list[float]
 
 
 @dataclass(slots=True)
@@ -247,13 +270,14 @@ class SimServers:
     tokens_per_request: int = 128
     report_period_s: float = 1.0
     external_max_age_s: float = 3.0
-    tick_s: float = 0.1
+    tick_s: float = 0.25  # expiry is checked this often; a new cap or status applies on arrival
 
     def __post_init__(self) -> None:
         self.servers = [_Server() for _ in range(self.backend.config.n_gpus)]
         self.agent_online: bool | None = None
         self.log = logmod.get("sim")
         self._timing: RequestTiming = self.backend.config.requests
+        self._applied: tuple[list[float], list[float]] = ([], [])
 
     def gate_id(self, gpu: int) -> str:
         return f"sim-gpu{gpu}"
@@ -269,9 +293,13 @@ class SimServers:
                     for i, s in enumerate(self.servers):
                         if i < len(cap.caps):
                             s.cap, s.valid_until_s = cap.caps[i], cap.valid_until_s
+                    self.apply()  # a server obeys a new cap at once (a leak cap must not wait a tick)
             elif topic == f"{base}/status":
                 self.agent_online = json.loads(payload).get("state") == "online" if payload else False
+                self.apply()
             elif topic.startswith(f"{base}/gate/"):
+                if topic.rpartition("/")[2].startswith("sim-"):
+                    return  # our own report
                 report = GateReport.model_validate_json(payload)
                 if report.gate_id.startswith("sim-") or report.gpu is None:
                     return
@@ -300,21 +328,29 @@ class SimServers:
             s.cap if s.cap is not None and now_s < s.valid_until_s and online else None for s in self.servers
         ]
 
-    def step(self, dt_s: float) -> None:
-        """Apply limits and offered load to the GPUs; count completed requests."""
+    def apply(self) -> None:
+        """Hand the GPUs the servers' limits and offered load (only what changed)."""
         now_mono = time.monotonic()
         offered = []
         for s in self.servers:
             ext = s.external_in_flight
             fresh = ext is not None and now_mono - s.external_mono_s <= self.external_max_age_s
             offered.append(float(ext) if fresh and ext is not None else self.offered_concurrency)
-        self.backend.set_offered(offered)
-        self.backend.set_caps([self.safe_cap if c is None else c for c in self.limits(time.time())])
-        for i, s in enumerate(self.servers):
-            served = self.backend.served(i)
-            done = served / float(self._timing.duration_s(served)) * dt_s
-            s.completed += done
-            s.tokens += done * self.tokens_per_request
+        caps = [float(self.safe_cap if c is None else c) for c in self.limits(time.time())]
+        if offered != self._applied[0]:
+            self.backend.set_offered(offered)
+        if caps != self._applied[1]:
+            self.backend.set_caps(caps)
+        self._applied = (offered, caps)
+
+    def step(self, dt_s: float) -> None:
+        """Apply limits and offered load to the GPUs; count completed requests."""
+        self.apply()
+        served = np.asarray([self.backend.served(i) for i in range(len(self.servers))])
+        done = (served / self._timing.duration_s(served) * dt_s).tolist()
+        for s, d in zip(self.servers, done, strict=True):
+            s.completed += d
+            s.tokens += d * self.tokens_per_request
 
     def reports(self) -> list[tuple[str, bytes]]:
         """Gate reports for the GPUs no real gate is in charge of."""
@@ -345,10 +381,11 @@ class SimServers:
                     for topic in (
                         f"{self.node_topic}/cap",
                         f"{self.node_topic}/status",
-                        f"{self.node_topic}/gate/+",
                         *self.coolant_subscribe,
                     ):
                         await client.subscribe(topic, qos=1)
+                    # Real gates' reports, without our own echoed back.
+                    await client.subscribe(f"{self.node_topic}/gate/+", options=no_local())
                     reader = asyncio.create_task(self._read(client))
                     try:
                         await self._serve(client, stop)

@@ -58,11 +58,12 @@ def test_demo_node_and_benchmark_plant_give_the_same_power_trajectory() -> None:
     sim, plant = sim_power_per_second(seed=3), plant_power_per_second(seed=4)
     # Node power noise: AR(1) σ 10 W per GPU → about 28 W on 8 GPUs; 1 s means are within 4σ.
     assert np.max(np.abs(sim - plant)) < 120.0, np.round(sim - plant)
-    # Both drain after the cut (requests finish, none are killed): power falls over seconds, not at once.
-    full, after_1s, settled = sim[29], sim[30], sim[59]
-    assert settled < 0.3 * full
-    assert after_1s > settled + 0.5 * (full - settled)
-    assert sim[33] < sim[30]  # and keeps falling
+    # After the cut nothing is killed: requests in flight finish (≈ 14 s at 256), so power stays up
+    # for seconds and then falls, instead of dropping at once.
+    full, settled = sim[29], sim[59]
+    assert settled < 0.2 * full
+    assert min(sim[30:36]) > 0.9 * full  # still draining 5 s after the cut
+    assert sim[50] < 0.3 * full  # and drained 20 s after it
 
 
 def test_energy_counter_integrates_power() -> None:
