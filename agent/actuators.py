@@ -14,7 +14,7 @@ from typing import Protocol
 
 from rackguard.agent import log as logmod
 from rackguard.agent.config import Config
-from rackguard.agent.control import ControlLoop
+from rackguard.agent.control_loop import ControlLoop
 from rackguard.agent.messages import Cap, NodeId, dump
 from rackguard.agent.metrics import Metrics
 from rackguard.agent.mqtt import MqttLink, Topics

@@ -304,7 +304,7 @@ class ControlConfig(_Section):
 
 
 class CoolantConfig(_Section):
-    """Coolant, CDU and leak sensors read over MQTT, and the coolant's physics (agent/coolant.py)."""
+    """Coolant, CDU and leak sensors read over MQTT, and the coolant's physics (agent/coolant_monitor.py)."""
 
     RELOAD: ClassVar[dict[str, Reload]] = {
         f: RESTART

@@ -22,10 +22,10 @@ from rackguard.agent import log as logmod
 from rackguard.agent import snapshot as snapmod
 from rackguard.agent.actuators import CapPublisher, DecisionSink, PowerLimitSink
 from rackguard.agent.config import Config, ConfigError, split_reload
-from rackguard.agent.control import ControlLoop
-from rackguard.agent.coolant import CoolantMonitor, LeakEvent
+from rackguard.agent.control_loop import ControlLoop
+from rackguard.agent.coolant_monitor import CoolantMonitor, LeakEvent
 from rackguard.agent.energy import EnergyMeter
-from rackguard.agent.gates import GateTracker
+from rackguard.agent.gate_reports import GateTracker
 from rackguard.agent.http import HttpServer
 from rackguard.agent.messages import Cap, CommandAck, NodeId, Telemetry, dump
 from rackguard.agent.metrics import Metrics

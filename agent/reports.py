@@ -9,9 +9,9 @@ from typing import Any
 from rackguard.agent import __version__
 from rackguard.agent import log as logmod
 from rackguard.agent.config import Config
-from rackguard.agent.coolant import CoolantMonitor
+from rackguard.agent.coolant_monitor import CoolantMonitor
 from rackguard.agent.energy import EnergyMeter
-from rackguard.agent.gates import GateTracker
+from rackguard.agent.gate_reports import GateTracker
 from rackguard.agent.messages import (
     EnergyTelemetry,
     GpuInventory,

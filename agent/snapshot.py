@@ -11,8 +11,8 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from rackguard.agent.coolant import CoolantMonitor
-from rackguard.agent.gates import GateTracker
+from rackguard.agent.coolant_monitor import CoolantMonitor
+from rackguard.agent.gate_reports import GateTracker
 from rackguard.agent.sensing import GpuState, GpuStateName
 from rackguard.controllers.api import CoolantObs, GpuObs, Observation
 from rackguard.sensors.base import GpuSample

@@ -28,7 +28,7 @@ import paho.mqtt.client as mqtt
 
 from rackguard.agent import config as configmod
 from rackguard.agent import log as logmod
-from rackguard.agent.coolant import LeakEvent
+from rackguard.agent.coolant_monitor import LeakEvent
 from rackguard.agent.daemon import Agent
 from rackguard.agent.mosquitto import Mosquitto, free_port
 

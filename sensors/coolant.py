@@ -1,6 +1,6 @@
 """Coolant, CDU and leak sensors: declarations, payload parsing, derived heat physics.
 
-Pure: no MQTT here. The agent (``agent/coolant.py``) hands every payload that
+Pure: no MQTT here. The agent (``agent/coolant_monitor.py``) hands every payload that
 arrives on a sensor's topic to :func:`parse`, which returns either a
 :class:`Reading` (every value finite, in range, in canonical units) or a
 :class:`Rejected` with a stable ``reason``. Nothing a payload contains can make

@@ -1,4 +1,4 @@
-"""agent/coolant.py: coolant sensors through a real mosquitto, plus the monitor's state rules in-process."""
+"""agent/coolant_monitor.py: coolant sensors through a real mosquitto, plus the monitor's state rules in-process."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from rackguard.agent import config as configmod
-from rackguard.agent.coolant import CoolantMonitor, LeakEvent
+from rackguard.agent.coolant_monitor import CoolantMonitor, LeakEvent
 from rackguard.agent.daemon import Agent
 from rackguard.agent.messages import NodeId, Telemetry
 from rackguard.agent.metrics import Metrics

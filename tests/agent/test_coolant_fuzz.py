@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rackguard.agent import config as configmod
-from rackguard.agent.coolant import CoolantMonitor
+from rackguard.agent.coolant_monitor import CoolantMonitor
 from rackguard.agent.messages import NodeId
 from rackguard.agent.metrics import Metrics
 from rackguard.agent.mqtt import MqttLink, Topics, aiomqtt_factory

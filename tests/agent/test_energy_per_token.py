@@ -8,7 +8,7 @@ import pytest
 
 from rackguard.agent.config import ConfigError, validate
 from rackguard.agent.energy import EnergyMeter
-from rackguard.agent.gates import GateTracker
+from rackguard.agent.gate_reports import GateTracker
 
 
 def report(gate_id: str, *, gpu: int | None, in_flight: int, completed: int, tokens: int) -> bytes:
