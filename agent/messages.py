@@ -195,18 +195,26 @@ class Alarm(_Msg):
     ack_required: bool = Field(description="the latch clears only after an OK reading and an operator ack")
 
 
+# Bounds on what a gate may claim: far above any real server, small enough that arithmetic on
+# them (sums, floats, rates) can never overflow. A report outside them is rejected and counted.
+GATE_MAX_IN_FLIGHT = 1_000_000
+GATE_MAX_COUNTER = 2**53  # exact in a float
+
+
 class GateReport(_Msg):
     """Published by each inference server's gate (agent/gate.py) on ``.../gate/<gate_id>`` about every 1 s."""
 
     schema_: Literal["rackguard.gate/1"] = Field("rackguard.gate/1", alias="schema")
     gate_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
-    gpu: int | None = Field(ge=0, description="the GPU the gate serves; null = the whole node")
-    t_s: float
-    in_flight: int = Field(ge=0, description="requests inside the gate now")
-    limit: int = Field(ge=0, description="the gate's current admission limit")
+    gpu: int | None = Field(ge=0, le=1024, description="the GPU the gate serves; null = the whole node")
+    t_s: float = Field(allow_inf_nan=False)
+    in_flight: int = Field(ge=0, le=GATE_MAX_IN_FLIGHT, description="requests inside the gate now")
+    limit: int = Field(ge=0, le=GATE_MAX_IN_FLIGHT, description="the gate's current admission limit")
     source: Literal["mqtt", "http", "safe"] = Field("mqtt", description="where the limit came from")
-    completed_total: int = Field(ge=0, description="requests completed since the gate started")
-    tokens_total: int = Field(ge=0, description="tokens reported since the gate started")
+    completed_total: int = Field(
+        ge=0, le=GATE_MAX_COUNTER, description="requests completed since the gate started"
+    )
+    tokens_total: int = Field(ge=0, le=GATE_MAX_COUNTER, description="tokens reported since the gate started")
 
 
 class CommandAck(_Msg):

@@ -84,3 +84,31 @@ def test_gate_tracker_deltas_resets_and_freshness() -> None:
     bad = json.loads(report("c", gpu=0, in_flight=1, completed=0, tokens=0)) | {"extra": 1}
     assert t.handle(topic + "c", json.dumps(bad).encode()) is None
     assert t.rejected_total == 3
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("in_flight", 10**400),  # once raised OverflowError in in_flight() and stopped the agent
+        ("in_flight", 1_000_001),
+        ("tokens_total", 2**53 + 1),
+        ("completed_total", 10**30),
+        ("limit", 10**12),
+        ("gpu", 10**9),
+    ],
+)
+def test_gate_report_numbers_are_bounded(field: str, value: int) -> None:
+    t = GateTracker(3.0, monotonic=lambda: 100.0)
+    doc = json.loads(report("p", gpu=0, in_flight=1, completed=0, tokens=0)) | {field: value}
+    assert t.handle("rackguard/s/r/n/gate/p", json.dumps(doc).encode()) is None
+    assert t.rejected_total == 1
+    assert t.in_flight(8) == [None] * 8  # nothing from it reaches the controller
+
+
+def test_gate_report_time_must_be_finite() -> None:
+    t = GateTracker(3.0, monotonic=lambda: 100.0)
+    good = report("p", gpu=0, in_flight=1, completed=0, tokens=0)
+    assert b'"t_s": 1.0' in good
+    assert t.handle("rackguard/s/r/n/gate/p", good.replace(b'"t_s": 1.0', b'"t_s": 1e999')) is None
+    assert t.rejected_total == 1
+    assert t.handle("rackguard/s/r/n/gate/p", good) is not None
