@@ -133,6 +133,14 @@ class PowerLimitSink:
         self._task: asyncio.Task[None] | None = None
         self.log = logmod.get("power_limits")
 
+    def reconfigure(self, cfg: Config) -> None:
+        """A reloaded ``control.node_power_budget_w`` applies when ``power_limits`` sets none of its own."""
+        budget = cfg.power_limits.node_power_budget_w or cfg.control.node_power_budget_w
+        if budget != self.actuator.budget_w:
+            self.actuator.budget_w = budget
+            if self._last is not None:
+                self._queue(self._last)
+
     def apply(self, decision: Decision, *, force: bool = False) -> None:
         changed = self._last is None or (self._last.caps, self._last.reason) != (
             decision.caps,
@@ -140,8 +148,10 @@ class PowerLimitSink:
         )
         retry = self.error is not None and time.monotonic() >= self._retry_mono
         self._last = decision
-        if not (changed or retry):
-            return
+        if changed or retry:
+            self._queue(decision)
+
+    def _queue(self, decision: Decision) -> None:
         self._pending = decision
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._writer())

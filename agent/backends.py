@@ -21,7 +21,12 @@ def _nvml(cfg: Config) -> GpuBackend:
 
 
 def _sim(cfg: Config) -> GpuBackend:
-    """Simulated GPUs alone (their servers, :class:`rackguard.sim.node.SimServers`, run beside the agent)."""
+    """Simulated GPUs alone: they serve what is offered, as a node whose servers ignore the cap would.
+
+    ``rackguard run`` and ``rackguard demo`` also start the node's servers
+    (:class:`rackguard.sim.node.SimServers`, which obey the cap); an ``Agent(cfg)`` built in a
+    test or benchmark gets the GPUs alone.
+    """
     from rackguard.sim.node import from_config
 
     return from_config(cfg)[0]

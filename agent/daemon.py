@@ -17,6 +17,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from pydantic import ValidationError
+
 from rackguard.agent import __version__, backends
 from rackguard.agent import log as logmod
 from rackguard.agent import snapshot as snapmod
@@ -223,8 +225,12 @@ class Agent:
         return decision
 
     def apply(self, decision: Decision, *, force: bool = False) -> None:
+        """Every sink gets the decision; one that fails is logged and does not stop the others."""
         for sink in self.sinks:
-            sink.apply(decision, force=force)
+            try:
+                sink.apply(decision, force=force)
+            except Exception:
+                self.log.exception("decision_sink_failed", sink=type(sink).__name__)
 
     def _power_sink(self) -> PowerLimitSink | None:
         """The power-limit writer, if enabled and the backend can write limits (blocking: NVML reads)."""
@@ -333,7 +339,7 @@ class Agent:
     def components(self) -> list[Any]:
         """Everything that takes a reloaded config (each has ``reconfigure(cfg)``)."""
         parts: list[Any] = [self.link, self.gates, self.energy, self.commands, self.reports]
-        return parts + [c for c in (self.poller, self.control, self.cap) if c is not None]
+        return parts + [c for c in (self.poller, self.control, self.cap, self.power) if c is not None]
 
     def reload(self) -> None:
         """SIGHUP: re-read the config; if valid apply what can change live, else keep running as is."""
@@ -344,12 +350,15 @@ class Agent:
         try:
             try:
                 new = self.reload_config()
+                new, self.reload_kept = split_reload(self.cfg, new)
             except ConfigError as exc:
                 self.log.error(
                     "reload_rejected", errors=[f"{k}: {r}" for k, r in exc.errors], kept="running config"
                 )
                 return
-            new, self.reload_kept = split_reload(self.cfg, new)
+            except ValidationError as exc:  # a kept restart field no longer validates (e.g. a secret file)
+                self.log.error("reload_rejected", errors=[str(exc)[:500]], kept="running config")
+                return
             if new.log != self.cfg.log:
                 logmod.configure(new.log.level, new.log.format)
             for part in self.components():

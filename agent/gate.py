@@ -211,6 +211,10 @@ class Gate:
                 return
 
     # -- the limit ---------------------------------------------------------------------
+    def refresh(self) -> None:
+        """Re-check the limit against the clock (the gate's own loop does this every TICK_S)."""
+        self._update()
+
     def _update(self) -> None:
         """Recompute the limit from what the agent said and the clock."""
         now = self.clock()

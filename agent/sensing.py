@@ -134,7 +134,8 @@ class GpuPoller:
                 left[0] -= 1
                 last = left[0] == 0
             if last:
-                loop.call_soon_threadsafe(_set_done, all_done)
+                with contextlib.suppress(RuntimeError):  # the loop closed while a hung read finished
+                    loop.call_soon_threadsafe(_set_done, all_done)
 
         for cf, _, _ in pending:
             cf.add_done_callback(one_done)

@@ -18,20 +18,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import math
 import random
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
-from pydantic import ValidationError
 
 from rackguard.agent import log as logmod
 from rackguard.agent.config import Config
-from rackguard.agent.messages import Cap, GateReport, dump
+from rackguard.agent.gate import Gate
+from rackguard.agent.messages import GateReport, dump
 from rackguard.agent.mqtt import ClientFactory, ClientLike, Topics, no_local
 from rackguard.controllers.power import PowerCurve, RequestTiming
 from rackguard.controllers.thermal import DEFAULT_PARAMS
@@ -234,20 +234,35 @@ class _View:
 
 
 @dataclass(slots=True)
-class _Server:
-    """One GPU's simulated server: what the agent said, and its counters."""
+class _Counters:
+    """One simulated server's completed requests and tokens (fractional between reports)."""
 
-    cap: int | None = None
-    valid_until_s: float = 0.0
     completed: float = 0.0
     tokens: float = 0.0
     external_in_flight: int | None = None  # a real gate reported for this GPU
     external_mono_s: float = -math.inf
 
 
+class _QuietLog:
+    """The simulated gates' log lines at debug: a limit change on every GPU is not news."""
+
+    def __init__(self) -> None:
+        self._log = logmod.get("sim")
+
+    def __getattr__(self, name: str) -> Any:
+        return self._log.debug
+
+
 @dataclass
 class SimServers:
     """The simulated node's inference servers: obey the cap, report load, feel the water.
+
+    Each GPU's server runs the real gate's admission state machine
+    (:class:`~rackguard.agent.gate.Gate`: ``handle_cap``, ``handle_status``, ``refresh``), so it
+    obeys ``caps[gpu]`` until ``valid_until_s`` or the MQTT 5 expiry, drops to ``safe_cap`` when
+    the agent goes ``offline`` (and waits for a new cap), and keeps a valid cap across a broker
+    outage, exactly as a gated server does. Its requests are the plant's: admitted up to the
+    limit, drained (never killed) after a cut.
 
     Args:
         backend: The simulated GPUs they run on.
@@ -270,45 +285,44 @@ class SimServers:
     tokens_per_request: int = 128
     report_period_s: float = 1.0
     external_max_age_s: float = 3.0
-    tick_s: float = 0.25  # expiry is checked this often; a new cap or status applies on arrival
+    tick_s: float = 0.1  # as the gate: expiry is re-checked this often
 
     def __post_init__(self) -> None:
-        self.servers = [_Server() for _ in range(self.backend.config.n_gpus)]
-        self.agent_online: bool | None = None
+        n = self.backend.config.n_gpus
+        self.gates = [
+            Gate(node_topic=self.node_topic, safe_cap=self.safe_cap, gpu=i, gate_id=f"sim-gpu{i}")
+            for i in range(n)
+        ]
+        for g in self.gates:
+            g.log = _QuietLog()
+        self.counters = [_Counters() for _ in range(n)]
         self.log = logmod.get("sim")
         self._timing: RequestTiming = self.backend.config.requests
         self._applied: tuple[list[float], list[float]] = ([], [])
 
-    def gate_id(self, gpu: int) -> str:
-        return f"sim-gpu{gpu}"
-
     # -- what arrives ------------------------------------------------------------------
-    def handle(self, topic: str, payload: bytes) -> None:
-        """One MQTT message; anything malformed is ignored (the agent counts its own rejects)."""
+    def handle(self, topic: str, payload: bytes, expiry_s: float | None = None) -> None:
+        """One MQTT message. Never raises: anything malformed is ignored (the agent counts its own)."""
         base = self.node_topic
         try:
             if topic == f"{base}/cap":
-                if payload:
-                    cap = Cap.model_validate_json(payload)
-                    for i, s in enumerate(self.servers):
-                        if i < len(cap.caps):
-                            s.cap, s.valid_until_s = cap.caps[i], cap.valid_until_s
-                    self.apply()  # a server obeys a new cap at once (a leak cap must not wait a tick)
+                for g in self.gates:
+                    g.handle_cap(payload, "mqtt", expiry_s)
+                self.apply()  # a server obeys a new cap at once (a leak cap must not wait a tick)
             elif topic == f"{base}/status":
-                self.agent_online = json.loads(payload).get("state") == "online" if payload else False
+                for g in self.gates:
+                    g.handle_status(payload)
                 self.apply()
             elif topic.startswith(f"{base}/gate/"):
                 if topic.rpartition("/")[2].startswith("sim-"):
                     return  # our own report
                 report = GateReport.model_validate_json(payload)
-                if report.gate_id.startswith("sim-") or report.gpu is None:
-                    return
-                if report.gpu < len(self.servers):
-                    s = self.servers[report.gpu]
-                    s.external_in_flight, s.external_mono_s = report.in_flight, time.monotonic()
+                if report.gpu is not None and report.gpu < len(self.counters):
+                    c = self.counters[report.gpu]
+                    c.external_in_flight, c.external_mono_s = report.in_flight, time.monotonic()
             else:
                 self._coolant(topic, payload)
-        except (ValidationError, ValueError, AttributeError) as exc:
+        except Exception as exc:  # a bad message must not stop the simulated servers
             self.log.debug("sim_ignored", topic=topic, error=str(exc)[:200])
 
     def _coolant(self, topic: str, payload: bytes) -> None:
@@ -321,22 +335,19 @@ class SimServers:
                 self.backend.set_coolant(supply_temp_c=v.get("supply_temp_c"), flow_lpm=v.get("flow_lpm"))
 
     # -- what the servers do ----------------------------------------------------------
-    def limits(self, now_s: float) -> list[int | None]:
-        """Each server's valid cap now (None: no valid cap, or the agent is offline: safe_cap applies)."""
-        online = self.agent_online is not False
-        return [
-            s.cap if s.cap is not None and now_s < s.valid_until_s and online else None for s in self.servers
-        ]
+    def _external(self, i: int, now_mono: float) -> int | None:
+        c = self.counters[i]
+        fresh = c.external_in_flight is not None and now_mono - c.external_mono_s <= self.external_max_age_s
+        return c.external_in_flight if fresh else None
 
     def apply(self) -> None:
         """Hand the GPUs the servers' limits and offered load (only what changed)."""
         now_mono = time.monotonic()
         offered = []
-        for s in self.servers:
-            ext = s.external_in_flight
-            fresh = ext is not None and now_mono - s.external_mono_s <= self.external_max_age_s
-            offered.append(float(ext) if fresh and ext is not None else self.offered_concurrency)
-        caps = [float(self.safe_cap if c is None else c) for c in self.limits(time.time())]
+        for i in range(len(self.gates)):
+            ext = self._external(i, now_mono)
+            offered.append(self.offered_concurrency if ext is None else float(ext))
+        caps = [float(g.limit) for g in self.gates]
         if offered != self._applied[0]:
             self.backend.set_offered(offered)
         if caps != self._applied[1]:
@@ -344,37 +355,42 @@ class SimServers:
         self._applied = (offered, caps)
 
     def step(self, dt_s: float) -> None:
-        """Apply limits and offered load to the GPUs; count completed requests."""
+        """Re-check expiry, apply limits and load, count completed requests."""
+        for g in self.gates:
+            g.refresh()
         self.apply()
-        served = np.asarray([self.backend.served(i) for i in range(len(self.servers))])
+        served = np.asarray([self.backend.served(i) for i in range(len(self.gates))])
         done = (served / self._timing.duration_s(served) * dt_s).tolist()
-        for s, d in zip(self.servers, done, strict=True):
-            s.completed += d
-            s.tokens += d * self.tokens_per_request
+        for c, d in zip(self.counters, done, strict=True):
+            c.completed += d
+            c.tokens += d * self.tokens_per_request
 
     def reports(self) -> list[tuple[str, bytes]]:
         """Gate reports for the GPUs no real gate is in charge of."""
         out = []
         now_mono, now = time.monotonic(), time.time()
-        limits = self.limits(now)
-        for i, s in enumerate(self.servers):
-            if s.external_in_flight is not None and now_mono - s.external_mono_s <= self.external_max_age_s:
+        for i, (g, c) in enumerate(zip(self.gates, self.counters, strict=True)):
+            if self._external(i, now_mono) is not None:
                 continue
             report = GateReport(
-                gate_id=self.gate_id(i),
+                gate_id=g.gate_id,
                 gpu=i,
                 t_s=now,
                 in_flight=round(self.backend.served(i)),
-                limit=self.safe_cap if (cap := limits[i]) is None else cap,
-                source="safe" if cap is None else "mqtt",
-                completed_total=int(s.completed),
-                tokens_total=int(s.tokens),
+                limit=g.limit,
+                source=g.source,
+                completed_total=int(c.completed),
+                tokens_total=int(c.tokens),
             )
-            out.append((f"{self.node_topic}/gate/{self.gate_id(i)}", dump(report)))
+            out.append((g.report_topic, dump(report)))
         return out
 
     async def run(self, factory: ClientFactory, stop: asyncio.Event) -> None:
-        """Connect, subscribe, and serve until ``stop``; reconnects after broker faults."""
+        """Connect, subscribe, and serve until ``stop``; reconnect after a broker fault.
+
+        While disconnected the servers keep serving under the limits they have (a valid cap
+        stays valid until it expires), as a gate does.
+        """
         while not stop.is_set():
             try:
                 async with factory(None) as client:
@@ -386,23 +402,39 @@ class SimServers:
                         await client.subscribe(topic, qos=1)
                     # Real gates' reports, without our own echoed back.
                     await client.subscribe(f"{self.node_topic}/gate/+", options=no_local())
-                    reader = asyncio.create_task(self._read(client))
+                    tasks = {
+                        asyncio.create_task(self._read(client)),
+                        asyncio.create_task(self._serve(client, stop)),
+                    }
                     try:
-                        await self._serve(client, stop)
+                        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
                     finally:
-                        reader.cancel()
-                        with contextlib.suppress(asyncio.CancelledError, Exception):
-                            await reader
-            except Exception as exc:  # broker gone: keep the GPUs on safe caps and retry
+                        for t in tasks:
+                            t.cancel()
+                        await asyncio.gather(*tasks, return_exceptions=True)
+                    for t in done:
+                        if not t.cancelled() and (exc := t.exception()) is not None:
+                            raise exc
+            except Exception as exc:  # broker gone: serve on, retry
                 self.log.debug("sim_servers_disconnected", error=str(exc)[:200])
-                self.agent_online = False
-                self.step(0.0)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), 1.0)
+            if not stop.is_set():
+                await self._serve_offline(stop, 1.0)
+
+    async def _serve_offline(self, stop: asyncio.Event, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        last = time.monotonic()
+        while not stop.is_set() and time.monotonic() < end:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.tick_s)
+            now = time.monotonic()
+            self.step(now - last)
+            last = now
 
     async def _read(self, client: ClientLike) -> None:
         async for m in client.messages:
-            self.handle(str(m.topic), bytes(m.payload or b""))
+            props = getattr(m, "properties", None)
+            expiry = getattr(props, "MessageExpiryInterval", None) if props is not None else None
+            self.handle(str(m.topic), bytes(m.payload or b""), None if expiry is None else float(expiry))
 
     async def _serve(self, client: ClientLike, stop: asyncio.Event) -> None:
         next_report = time.monotonic() + self.report_period_s

@@ -8,6 +8,7 @@ repository, with only the dependencies' site-packages beside it.
 from __future__ import annotations
 
 import os
+import shutil
 import site
 import subprocess
 import sys
@@ -18,26 +19,38 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+LAYERS = ("agent", "controllers", "sensors", "sim", "bench")
+BUILD_LITTER = (
+    "build",
+    "dist",
+    "*.egg-info",
+    ".git",
+    "__pycache__",
+    ".*_cache",
+    ".hypothesis",
+    "state",
+    "out",
+)
+
+
+def source_modules() -> set[str]:
+    """The package's modules as the repository has them, as paths inside the installed package."""
+    out = {p.name for p in (REPO / "rackguard").glob("*.py")}
+    for layer in LAYERS:
+        out |= {f"{layer}/{p.relative_to(REPO / layer)}" for p in (REPO / layer).rglob("*.py")}
+    return out
+
+
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # Build from a clean copy of the tree: setuptools never cleans an in-tree build/, and a stale
+    # build/lib would smuggle deleted modules into the wheel.
+    src = tmp_path_factory.mktemp("src") / "rackguard"
+    shutil.copytree(REPO, src, symlinks=True, ignore=shutil.ignore_patterns(*BUILD_LITTER))
     target = tmp_path_factory.mktemp("wheel")
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation"]
     r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--no-deps",
-            "--no-build-isolation",
-            "--target",
-            target,
-            ".",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
+        [*pip, "--target", str(target), "."], cwd=src, capture_output=True, text=True, timeout=300
     )
     assert r.returncode == 0, r.stderr
     return target
@@ -57,6 +70,8 @@ def test_one_top_level_package(installed: Path) -> None:
     layers = {p.name for p in (installed / "rackguard").iterdir() if p.is_dir() and p.name != "__pycache__"}
     assert layers == {"agent", "controllers", "sensors", "sim", "bench"}
     assert not any(p.is_symlink() for p in (installed / "rackguard").iterdir())
+    pkg = installed / "rackguard"
+    assert {str(p.relative_to(pkg)) for p in pkg.rglob("*.py")} == source_modules()
     assert sorted(p.name for p in (installed / "rackguard" / "bench" / "scenarios").glob("*.toml"))
 
 
@@ -73,7 +88,8 @@ def test_gate_imports_from_the_installed_package(installed: Path, tmp_path: Path
 
 
 def test_demo_runs_from_the_installed_package(installed: Path, tmp_path: Path) -> None:
-    r = run_py(installed, tmp_path, "-m", "rackguard.agent.cli", "demo", "--seconds", "4", timeout=90)
+    script = installed / "bin" / "rackguard"  # the console script, as `rackguard demo` runs it
+    r = run_py(installed, tmp_path, str(script), "demo", "--seconds", "6", timeout=90)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "status: online (8 GPUs, backend sim)" in r.stdout
     assert sum(1 for line in r.stdout.splitlines() if "mpc/" in line) >= 2, r.stdout

@@ -207,3 +207,37 @@ async def test_failed_write_makes_healthz_503_until_a_retry_succeeds(
     finally:
         agent.request_stop("test")
         assert await asyncio.wait_for(task, 10) == 0
+
+
+async def test_reloaded_control_budget_reaches_the_power_limit_writer(tmp_path: Path) -> None:
+    data = {
+        "node": {"name": "pl"},
+        "sensors": {"backend": "sim", "poll_period_s": 0.05, "slow_period_s": 0.1},
+        "telemetry": {"publish_period_s": 0.2},
+        "control": {"period_s": 0.1, "node_power_budget_w": 1000.0},
+        "http": {"port": 0},
+        "sim": {"gpus": 2},
+        "power_limits": {"enabled": True, "state_file": str(tmp_path / "pl.json")},
+    }
+    current = configmod.validate(data)
+    backend = PowerSim(2)
+    agent = Agent(current, backend, client_factory=LocalBroker().client, reload_config=lambda: current)
+    task = asyncio.create_task(agent.run())
+    try:
+        for _ in range(200):
+            if len(backend.dev.writes) >= 2:
+                break
+            await asyncio.sleep(0.02)
+        assert sorted(backend.dev.writes[:2]) == [(0, 500.0), (1, 500.0)]
+        data["control"] = {"period_s": 0.1, "node_power_budget_w": 800.0}
+        current = configmod.validate(data)
+        agent.reload()
+        for _ in range(200):
+            if (1, 400.0) in backend.dev.writes and (0, 400.0) in backend.dev.writes:
+                break
+            await asyncio.sleep(0.02)
+        assert (0, 400.0) in backend.dev.writes and (1, 400.0) in backend.dev.writes
+        assert agent.reload_kept == []
+    finally:
+        agent.request_stop("test")
+        assert await asyncio.wait_for(task, 10) == 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -219,3 +220,57 @@ def test_readme_reload_table_matches_the_code() -> None:
                 if name.strip() not in ("", "–"):
                     documented[f"{section.strip('`')}.{name.strip()}"] = mode
     assert documented == configmod.Config().reload_modes()
+
+
+async def test_sighup_periods_change_what_the_tick_loop_does(tmp_path: Path) -> None:
+    """Not only the config object: the running loop ticks, controls and publishes at the new periods."""
+    current = configmod.validate(BASE)  # poll 0.05 s, control 0.1 s, publish 0.1 s
+    published: list[float] = []
+    agent = Agent(
+        current,
+        client_factory=LocalBroker().client,
+        reload_config=lambda: current,
+        on_telemetry=lambda t: published.append(time.monotonic()),
+    )
+    task = asyncio.create_task(agent.run())
+
+    async def rates(seconds: float) -> tuple[float, float, float]:
+        assert agent.control is not None
+        t0, ticks0, steps0, pubs0 = (
+            time.monotonic(),
+            agent.ticks_total,
+            len(agent.control.timings),
+            len(published),
+        )
+        await asyncio.sleep(seconds)
+        dt = time.monotonic() - t0
+        steps = len(agent.control.timings) - steps0
+        return (agent.ticks_total - ticks0) / dt, steps / dt, (len(published) - pubs0) / dt
+
+    try:
+        while agent.control is None or agent.cap_msg is None:
+            await asyncio.sleep(0.02)
+        tick_hz, control_hz, publish_hz = await rates(1.5)
+        assert tick_hz > 14 and control_hz > 7 and publish_hz > 7, (tick_hz, control_hz, publish_hz)
+        current = configmod.validate(
+            with_values(
+                {
+                    "sensors.poll_period_s": 0.25,
+                    "sensors.slow_period_s": 0.5,
+                    "control.period_s": 0.5,
+                    "telemetry.publish_period_s": 0.5,
+                },
+                tmp_path,
+            )
+        )
+        os.kill(os.getpid(), signal.SIGHUP)
+        await asyncio.sleep(0.6)
+        tick_hz, control_hz, publish_hz = await rates(3.0)
+        assert 3.0 <= tick_hz <= 5.0 and 1.3 <= control_hz <= 2.7 and 1.3 <= publish_hz <= 2.7, (
+            tick_hz,
+            control_hz,
+            publish_hz,
+        )
+    finally:
+        agent.request_stop("test")
+        assert await asyncio.wait_for(task, 10) == 0

@@ -182,7 +182,7 @@ def test_node_budget_is_packed_when_power_is_concave() -> None:
 
 
 def test_slow_hbm_does_not_bind_far_from_its_limit() -> None:
-    """HBM much slower than the model (τ 20 s vs 1 s, like sensors/sim.py): no mem_temp cut.
+    """HBM much slower than the model (τ 20 s vs 1 s, like the old demo simulator): no mem_temp cut.
 
     Regression: the gain tracker clipped the gain at gain_min but kept the offset fitted to
     the unclipped (negative) gain, so the HBM estimate ran ~40 K above the reading and the
