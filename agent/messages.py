@@ -206,7 +206,11 @@ class GateReport(_Msg):
 
     schema_: Literal["rackguard.gate/1"] = Field("rackguard.gate/1", alias="schema")
     gate_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
-    gpu: int | None = Field(ge=0, le=1024, description="the GPU the gate serves, as its position in the cap's caps list; null = the whole node")
+    gpu: int | None = Field(
+        ge=0,
+        le=1024,
+        description="the GPU the gate serves, as its position in the cap's caps list; null = the whole node",
+    )
     t_s: float = Field(allow_inf_nan=False)
     in_flight: int = Field(ge=0, le=GATE_MAX_IN_FLIGHT, description="requests inside the gate now")
     limit: int = Field(ge=0, le=GATE_MAX_IN_FLIGHT, description="the gate's current admission limit")
