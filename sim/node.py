@@ -285,7 +285,9 @@ class SimServers:
     tokens_per_request: int = 128
     report_period_s: float = 1.0
     external_max_age_s: float = 3.0
-    tick_s: float = 0.25  # expiry is re-checked this often (the gate: 0.1 s); a cap or status applies on arrival
+    tick_s: float = (
+        0.25  # expiry is re-checked this often (the gate: 0.1 s); a cap or status applies on arrival
+    )
 
     def __post_init__(self) -> None:
         n = self.backend.config.n_gpus

@@ -79,6 +79,8 @@ class Console:
             self.cap = body
             return None
         if kind == "status":
+            if body.get("state") != "online":
+                return f"status: {body.get('state')} ({body.get('reason') or 'no reason given'})"
             return f"status: {body.get('state')} ({len(body.get('gpus', []))} GPUs, backend {body.get('backend')})"
         if kind == "alarm":
             return f"ALARM: {json.dumps(body)[:200]}"
