@@ -256,6 +256,7 @@ def test_tls_password_acl(
     assert other.publish(CMD, b'{"evil": 1}') == NOT_AUTHORIZED
     assert reader.publish(CMD, b'{"evil": 2}') == NOT_AUTHORIZED
     assert other.publish("rackguard/site1/rackA/node07/telemetry", b'{"seq": -1}') == NOT_AUTHORIZED
+    assert listener.publish(CMD, b'{"self": 4}') == NOT_AUTHORIZED  # a node never commands itself
     assert operator.publish(CMD, b'{"ok": 3}') == 0
     deadline = time.monotonic() + 5
     while not listener.messages and time.monotonic() < deadline:
