@@ -313,9 +313,8 @@ class CoolantMonitor:
             heat_capture_ratio=heat / gpu_power_w if heat is not None and gpu_power_w else None,
         )
 
-    def telemetry(self, gpu_power_w: float | None = None) -> CoolantTelemetry:
-        """The ``coolant`` section of a telemetry message."""
-        snap = self.snapshot(gpu_power_w)
+    def telemetry(self, snap: CoolantSnapshot) -> CoolantTelemetry:
+        """The ``coolant`` section of a telemetry message: ``snap`` (the tick's) plus each sensor's state."""
         now_mono = self.monotonic()
 
         def r(x: float | None, nd: int = 3) -> float | None:

@@ -84,7 +84,6 @@ class Agent:
         self.poller: GpuPoller | None = None
         self.control: ControlLoop | None = None
         self.http: HttpServer | None = None
-        self.snapshot: snapmod.NodeSnapshot | None = None
         self.last_poll_mono: float | None = None
         self.reload_kept: list[str] = []  # restart keys the last SIGHUP could not apply
         # Raw scheduling lateness (bounded, cheap) for exact percentiles: GET /debug/timings.
@@ -398,20 +397,20 @@ class Agent:
             window.add(gpus)
             self.coolant.check()
             now = time.monotonic()
-            if now >= next_control or now >= next_publish:
-                self.snapshot = self.take_snapshot()
-            if now >= next_control:
-                self.control_late_s.append(now - next_control)
-                self.control_step(self.snapshot)
-                next_control += control_every * max(1, int((now - next_control) // control_every) + 1)
-            if now >= next_publish:
-                assert self.snapshot is not None
-                msg = await self.reports.publish_window(window, self.snapshot)
-                if self.on_telemetry:
-                    self.on_telemetry(msg)
-                self.notifier.status(self.status_line())
-                window = Window()
-                next_publish += publish_every * max(1, int((now - next_publish) // publish_every) + 1)
+            control_due, publish_due = now >= next_control, now >= next_publish
+            if control_due or publish_due:
+                snap = self.take_snapshot()  # control and telemetry of this tick see the same readings
+                if control_due:
+                    self.control_late_s.append(now - next_control)
+                    self.control_step(snap)
+                    next_control += control_every * max(1, int((now - next_control) // control_every) + 1)
+                if publish_due:
+                    msg = await self.reports.publish_window(window, snap)
+                    if self.on_telemetry:
+                        self.on_telemetry(msg)
+                    self.notifier.status(self.status_line())
+                    window = Window()
+                    next_publish += publish_every * max(1, int((now - next_publish) // publish_every) + 1)
             next_tick += period
             if time.monotonic() - next_tick > period:  # overran: skip missed ticks, keep the phase
                 next_tick += period * int((time.monotonic() - next_tick) // period)

@@ -11,12 +11,11 @@ lands in the next window it is read in.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from rackguard.agent.config import Config
-
-from dataclasses import dataclass
 
 
 @dataclass(frozen=True, slots=True)

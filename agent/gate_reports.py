@@ -12,20 +12,19 @@ agent saw it is not attributed to the current window.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from rackguard.agent.config import Config
-
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
 from rackguard.agent import log as logmod
 from rackguard.agent.messages import GateReport
 from rackguard.agent.metrics import Metrics
+
+if TYPE_CHECKING:
+    from rackguard.agent.config import Config
 
 FORGET_AFTER_S = 600.0  # a gate silent this long is dropped from the table
 

@@ -145,7 +145,7 @@ class Reporter:
             gpus=window.gpu_messages(self.gpus),
             host=host,
             dropped_total=self.link.outbox.dropped_total,
-            coolant=self.coolant.telemetry(snap.gpu_power_w) if self.coolant.sensors else None,
+            coolant=None if snap.coolant is None else self.coolant.telemetry(snap.coolant),
             energy=self._energy_window(),
         )
         self.link.enqueue(OutMsg(self.topics.telemetry, dump(msg), kind="telemetry", seq=self.telemetry_seq))

@@ -8,11 +8,6 @@ with exponential backoff through ``backend.reopen``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from rackguard.agent.config import Config
-
 import asyncio
 import concurrent.futures
 import contextlib
@@ -20,10 +15,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from rackguard.agent import log as logmod
 from rackguard.sensors.base import GpuBackend, GpuInfo, GpuLost, GpuSample
+
+if TYPE_CHECKING:
+    from rackguard.agent.config import Config
 
 GpuStateName = Literal["ok", "lost"]
 
@@ -150,16 +148,15 @@ class GpuPoller:
                     self._schedule_retry(g, now, err)
                 continue
             exc = cf.exception()
-            result: Any = None if exc is not None else cf.result()
-            if kind == "read":
-                if exc is None:
-                    self._merge(g, result)
-                else:
+            if exc is not None:
+                if kind == "read":
                     self._mark_lost(g, exc, now)
-            elif exc is None:
-                self._recovered(g, result)
+                else:
+                    self._schedule_retry(g, now, str(exc))
+            elif kind == "read":
+                self._merge(g, cf.result())
             else:
-                self._schedule_retry(g, now, str(exc))
+                self._recovered(g, cf.result())
         return self.gpus
 
     def _merge(self, g: GpuState, s: GpuSample) -> None:

@@ -1,8 +1,9 @@
 """One frozen picture of the node per tick, and the controllers' view of it.
 
-The tick builds a :class:`NodeSnapshot` from the GPU poller, the coolant monitor and
-the gate tracker; the control step, the reports and the HTTP routes read that one
-object, so everything decided in a tick was decided from the same readings.
+On a tick that controls or publishes, the agent builds one :class:`NodeSnapshot` from the
+GPU poller, the coolant monitor and the gate tracker; the control step and the telemetry
+window of that tick read that one object, so what is decided and what is reported come
+from the same readings. A leak or an operator command takes a fresh one between ticks.
 """
 
 from __future__ import annotations

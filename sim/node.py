@@ -46,11 +46,9 @@ POWER_LIMIT_MIN_W = 200.0
 MAX_CATCH_UP_S = 600.0  # a reader that stalls longer skips the rest (the plant does not replay hours)
 
 
-def plant_config(
-    gpus: int, *, temp_noise_c: float = 0.3, power: PowerCurve = DEFAULT_CURVE, **kw: float
-) -> PlantConfig:
+def plant_config(gpus: int, *, temp_noise_c: float = 0.3) -> PlantConfig:
     """The demo node's plant: the trace-fitted thermal model, an H100 decode power curve."""
-    return PlantConfig(n_gpus=gpus, thermal=DEFAULT_PARAMS, power=power, temp_noise_c=temp_noise_c, **kw)  # type: ignore[arg-type]
+    return PlantConfig(n_gpus=gpus, thermal=DEFAULT_PARAMS, power=DEFAULT_CURVE, temp_noise_c=temp_noise_c)
 
 
 class SimBackend(GpuBackend):
