@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from rackguard.controllers.api import Binding
+
 
 class _Msg(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -174,7 +176,7 @@ class Cap(_Msg):
     caps: list[int] = Field(description="requests in flight allowed per GPU, by GPU index")
     total: int = Field(description="sum of caps: requests in flight allowed on the node")
     reason: Literal["mpc", "leak", "stale", "thermal", "gpu_lost", "manual"]
-    binding: Literal["gpu_temp", "mem_temp", "power", "coolant_flow", "safety", "manual", "none"]
+    binding: Binding
     predicted_max_temp_c: float | None = None
     safe_cap: int
     max_cap: int

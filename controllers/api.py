@@ -50,6 +50,19 @@ class CoolantObs:
 
 
 @dataclass(frozen=True, slots=True)
+class NodeShare:
+    """This node's share of the rack, from the rack allocation (the rack issue).
+
+    Attributes:
+        power_w: GPU power the node may draw.
+        coolant_heat_w: Heat the node may put into the coolant.
+    """
+
+    power_w: float
+    coolant_heat_w: float
+
+
+@dataclass(frozen=True, slots=True)
 class Observation:
     """Everything a controller sees at one tick.
 
@@ -57,11 +70,14 @@ class Observation:
         t_s: Monotonic seconds.
         gpus: One entry per GPU, in a fixed order.
         coolant: The node's coolant loop.
+        share: The node's rack share this tick, or None outside a rack. It tightens
+            ``Limits.node_power_budget_w`` and the coolant heat limit; it never loosens them.
     """
 
     t_s: float
     gpus: tuple[GpuObs, ...]
     coolant: CoolantObs
+    share: NodeShare | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +137,9 @@ class Limits:
 
 
 Reason = Literal["mpc", "leak", "stale", "thermal", "gpu_lost", "manual"]
-Binding = Literal["gpu_temp", "mem_temp", "power", "coolant_flow", "safety", "manual", "none"]
+Binding = Literal[
+    "gpu_temp", "mem_temp", "power", "coolant_flow", "rack_power", "rack_coolant", "safety", "manual", "none"
+]
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,6 +32,11 @@ def node_limit_w(limits: Limits, obs: Observation) -> tuple[float, Binding]:
         q = limits.coolant_heat_max_w(flow)
         if q < out:
             out, kind = q, "coolant_flow"
+    if obs.share is not None:
+        if obs.share.power_w < out:
+            out, kind = obs.share.power_w, "rack_power"
+        if obs.share.coolant_heat_w < out:
+            out, kind = obs.share.coolant_heat_w, "rack_coolant"
     return out, kind  # type: ignore[return-value]
 
 

@@ -34,7 +34,7 @@ from typing import get_args
 import numpy as np
 from numpy.typing import NDArray
 
-from rackguard.controllers.api import Binding, Decision, Limits, Observation
+from rackguard.controllers.api import Binding, Decision, Limits, NodeShare, Observation
 from rackguard.controllers.ident import GainOffsetTracker
 from rackguard.controllers.power import OnlinePowerModel, RequestTiming
 from rackguard.controllers.thermal import DEFAULT_PARAMS, N_STATES, ThermalParams, discretize
@@ -217,10 +217,15 @@ class MpcController:
         self.mem.update(self._x[:, 2], np.where(have_m, mem_rise, 0.0), have_m, dt_s)
         self.power_model.update(conc, power_meas, have_power & ~lost)
 
-        return self._solve(supply_c, flow, lost, conc)
+        return self._solve(supply_c, flow, lost, conc, obs.share)
 
     def _solve(
-        self, supply_c: float, flow_lpm: float | None, lost: NDArray[np.bool_], conc: FloatArray
+        self,
+        supply_c: float,
+        flow_lpm: float | None,
+        lost: NDArray[np.bool_],
+        conc: FloatArray,
+        share: NodeShare | None = None,
     ) -> Decision:
         lim = self.limits
         s = self.settings
@@ -274,6 +279,11 @@ class MpcController:
             q_w = lim.coolant_heat_max_w(flow_lpm)
             if q_w < node_w:
                 node_w, node_kind = q_w, "coolant_flow"
+        if share is not None:
+            if share.power_w < node_w:
+                node_w, node_kind = share.power_w, "rack_power"
+            if share.coolant_heat_w < node_w:
+                node_w, node_kind = share.coolant_heat_w, "rack_coolant"
         node_bound = False
         if math.isfinite(node_w) and float(np.sum(p_allow)) > node_w:
             p_allow = self._share_node_power(p_allow, node_w, lost, pd[:, 0])

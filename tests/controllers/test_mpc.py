@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rackguard.bench.harness import load_scenario, run, scenario_files
-from rackguard.controllers.api import CoolantObs, GpuObs, Limits, Observation
+from rackguard.controllers.api import CoolantObs, GpuObs, Limits, NodeShare, Observation
 from rackguard.controllers.mpc import MpcController
 from rackguard.controllers.power import PowerCurve
 from rackguard.controllers.safety import SafetyLayer
@@ -237,3 +237,32 @@ def test_mpc_respects_a_lowered_max_cap() -> None:
     mpc.limits = Limits(max_cap=16)
     gpus = tuple(GpuObs(45.0, 45.0, 300.0, float(c)) for c in caps)
     assert max(mpc.step(Observation(60.0, gpus, CoolantObs(30.0, 12.0))).caps) <= 16
+
+
+def test_rack_share_tightens_the_node_and_never_loosens_it() -> None:
+    """A rack share below the node budget binds; one above it changes nothing."""
+    lim = Limits(node_power_budget_w=2400.0)
+    cfg = PlantConfig(n_gpus=4, thermal=DEFAULT_PARAMS, power=PowerCurve(120.0, 580.0, 48.0))
+
+    def node_power(share: NodeShare | None) -> tuple[float, str]:
+        plant = Plant(cfg, supply_c=30.0, seed=3)
+        mpc = MpcController(lim, 4)
+        binding = ""
+        for k in range(90):
+            base = plant.observe(float(k))
+            obs = replace(base, share=share)
+            d = mpc.step(obs)
+            binding = d.binding
+            plant.advance(1.0, np.array(d.caps, float), np.full(4, 256.0), 30.0, 12.0, lim)
+        return plant_power(plant), binding
+
+    def plant_power(plant: Plant) -> float:
+        return sum(g.power_w or 0.0 for g in plant.observe(0.0).gpus)
+
+    p_none, b_none = node_power(None)
+    p_loose, _ = node_power(NodeShare(power_w=10_000.0, coolant_heat_w=10_000.0))
+    p_tight, b_tight = node_power(NodeShare(power_w=1200.0, coolant_heat_w=10_000.0))
+    _, b_heat = node_power(NodeShare(power_w=10_000.0, coolant_heat_w=1000.0))
+    assert b_none == "power" and b_tight == "rack_power" and b_heat == "rack_coolant"
+    assert abs(p_loose - p_none) < 150.0
+    assert p_tight <= 1200.0 * 1.1 < p_none
