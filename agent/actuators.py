@@ -19,6 +19,7 @@ from rackguard.agent.messages import Cap, NodeId, dump
 from rackguard.agent.metrics import Metrics
 from rackguard.agent.mqtt import MqttLink, Topics
 from rackguard.agent.power_limits import PowerLimitActuator, PowerLimitError
+from rackguard.agent.seqstore import SeqStore
 from rackguard.controllers.api import Decision
 
 CAP_REASONS = ("mpc", "leak", "stale", "thermal", "gpu_lost", "manual")
@@ -50,11 +51,13 @@ class CapPublisher:
         link: MqttLink,
         metrics: Metrics,
         control: ControlLoop,
+        seqs: SeqStore,
     ) -> None:
         self.cfg = cfg.control
         self.node, self.topics, self.link, self.metrics, self.control = node, topics, link, metrics, control
         self.cap_msg: Cap | None = None
-        self.seq = 0
+        self.seqs = seqs
+        self.seq = seqs.last("cap")
         self._published_mono = -1e18
         self.log = logmod.get("cap")
 
@@ -76,7 +79,7 @@ class CapPublisher:
             self.log.info(
                 "cap_changed", total=decision.total, reason=decision.reason, binding=decision.binding
             )
-        self.seq += 1
+        self.seq = self.seqs.next("cap")
         now = time.time()
         self.cap_msg = Cap(
             seq=self.seq,

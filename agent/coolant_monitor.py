@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from rackguard.agent import inbox
 from rackguard.agent import log as logmod
 from rackguard.agent.config import CoolantConfig
 from rackguard.agent.messages import Alarm, CoolantSensorTelemetry, CoolantTelemetry, NodeId, dump
@@ -63,7 +64,10 @@ class LeakEvent:
 
 
 class _Subscriber(Protocol):
-    def subscribe(self, topic_filter: str, handler: Callable[[str, bytes], None]) -> None: ...
+    def subscribe(
+        self, topic_filter: str, handler: Callable[[str, bytes], None], lane: Callable[[str], int]
+    ) -> None: ...
+    def subscribe_priority(self, topic: str) -> None: ...
 
 
 class _SensorState:
@@ -141,7 +145,20 @@ class CoolantMonitor:
     def attach(self, link: _Subscriber) -> None:
         """Subscribe :meth:`handle` on the link (once per filter, so no message is seen twice)."""
         for f in self.topic_filters():
-            link.subscribe(f, self._on_message)
+            link.subscribe(f, self._on_message, self.lane)
+        for topic in self.priority_topics():
+            link.subscribe_priority(topic)
+
+    def priority_topics(self) -> list[str]:
+        """Topics of the leak detectors (and CDUs, which may carry one): the safety connection's."""
+        return [t for t in self.by_topic if self.lane(t) == inbox.LEAK]
+
+    def lane(self, topic: str) -> int:
+        """Inbox lane of a topic: leak detectors first, then the other declared sensors, then the rest."""
+        state = self.by_topic.get(topic)
+        if state is None:
+            return inbox.OTHER
+        return inbox.LEAK if state.decl.kind in ("leak", "cdu") else inbox.SENSOR
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         self.handle(topic, payload)
@@ -166,7 +183,7 @@ class CoolantMonitor:
     def _reject(self, r: Rejected) -> None:
         self.rejected_total += 1
         self.metrics.sensor_rejected.labels(r.sensor_id, r.reason).inc()
-        self._rl.warning(r.sensor_id, r.reason, "coolant_payload_rejected", detail=r.detail)
+        self._rl.warning("coolant_payload_rejected", r.reason, sensor=r.sensor_id, detail=r.detail)
 
     def _apply(self, state: _SensorState, reading: Reading) -> None:
         now_mono = self.monotonic()

@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from rackguard.agent import __version__, backends
+from rackguard.agent import __version__, backends, inbox
 from rackguard.agent import log as logmod
 from rackguard.agent import snapshot as snapmod
 from rackguard.agent.actuators import CapPublisher, DecisionSink, PowerLimitSink
@@ -39,6 +39,7 @@ from rackguard.agent.power_limits import PowerLimitActuator
 from rackguard.agent.reports import Reporter
 from rackguard.agent.routes import routes
 from rackguard.agent.sensing import GpuPoller
+from rackguard.agent.seqstore import SeqStore
 from rackguard.agent.telemetry import Window
 from rackguard.controllers.api import Decision
 from rackguard.sensors.base import Capability, GpuBackend, GpuInfo, SensorError
@@ -91,17 +92,26 @@ class Agent:
         self.tick_late_s: deque[float] = deque(maxlen=16_384)
         self.control_late_s: deque[float] = deque(maxlen=16_384)
         client_id = f"rackguard-{cfg.node.site}-{cfg.node.rack}-{cfg.node.name}"
+        outbox_path = cfg.outbox.resolved_path()
         self.link = MqttLink(
             cfg.mqtt,
             self.topics,
             client_factory=client_factory or aiomqtt_factory(cfg.mqtt, client_id),
+            priority_factory=client_factory or aiomqtt_factory(cfg.mqtt, f"{client_id}-safety"),
             offline_payload=lambda reason: self.reports.offline_payload(reason),
             on_connect=lambda: self.reports.birth(),
-            outbox=open_outbox(
-                cfg.outbox.resolved_path(), cfg.outbox.max_messages, synchronous=cfg.outbox.synchronous
-            ),
+            outbox=open_outbox(outbox_path, cfg.outbox.max_messages, synchronous=cfg.outbox.synchronous),
             replay_rate_msgs_s=cfg.outbox.replay_rate_msgs_s,
         )
+        # Every stream's seq continues across restarts, beside the outbox (memory only without one).
+        self.seqs = SeqStore(outbox_path.with_name("seq.json") if outbox_path else None)
+        box = self.link.outbox
+        tele_seq = box.last_seq("telemetry")
+        if box.durable and tele_seq == 0 and self.seqs.last("telemetry") > 0:
+            box.lost_on_open = True  # an emptied or replaced database: its queue is gone
+            self.log.error(
+                "outbox_lost", path=str(outbox_path), seq_continues_above=self.seqs.last("telemetry")
+            )
         self.coolant = CoolantMonitor(
             cfg.coolant,
             node=self.node,
@@ -124,6 +134,7 @@ class Agent:
             gates=self.gates,
             energy=self.energy,
             backend_name=self.backend.name,
+            seqs=self.seqs,
         )
         self.commands = CommandProcessor(
             cfg.commands,
@@ -137,7 +148,7 @@ class Agent:
             ),
         )
         if cfg.commands.enabled:
-            self.link.subscribe(self.topics.cmd, self._on_command)
+            self.link.subscribe(self.topics.cmd, self._on_command, inbox.SENSOR)
         self.cap: CapPublisher | None = None
         self.power: PowerLimitSink | None = None
         self.sinks: list[DecisionSink] = []
@@ -297,6 +308,7 @@ class Agent:
             link=self.link,
             metrics=self.metrics,
             control=self.control,
+            seqs=self.seqs,
         )
         self.power = await asyncio.to_thread(self._power_sink)
         self.sinks = [self.cap] + ([self.power] if self.power else [])

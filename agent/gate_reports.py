@@ -69,10 +69,11 @@ class GateTracker:
         try:
             report = GateReport.model_validate_json(payload)
         except ValidationError as exc:
-            self._reject(topic, f"invalid: {exc.errors()[0]['msg']}")
+            err = exc.errors()[0]
+            self._reject(topic, f"invalid_{err['type']}"[:48], str(err["msg"]))
             return None
         if topic.rsplit("/", 1)[-1] != report.gate_id:
-            self._reject(topic, "gate_id does not match the topic")
+            self._reject(topic, "gate_id_mismatch", "gate_id does not match the topic")
             return None
         now = self.monotonic()
         prev = self.gates.get(report.gate_id)
@@ -85,11 +86,11 @@ class GateTracker:
         self.gates[report.gate_id] = _Gate(report, now)
         return report
 
-    def _reject(self, topic: str, why: str) -> None:
+    def _reject(self, topic: str, reason: str, detail: str) -> None:
         self.rejected_total += 1
         if self.metrics is not None:
             self.metrics.gate_reports_rejected.inc()
-        self._rl.warning(topic[-120:], why[:40], "gate_report_rejected", detail=why[:200])
+        self._rl.warning("gate_report_rejected", reason, topic=topic[-120:], detail=detail[:200])
 
     def fresh(self) -> list[GateReport]:
         """Reports younger than ``max_age_s``; forgets gates silent for long."""

@@ -41,20 +41,44 @@ def get(name: str) -> Any:
 
 
 class RateLimitedLog:
-    """Logs a repeated (key, reason) at most once per ``period_s``, with the count since."""
+    """Logs each (event, reason) at most once per ``period_s``, with how many were suppressed.
+
+    ``reason`` must come from a small fixed set (a category, never a topic, id or payload):
+    the limit is per reason, so a flood spread over many topics or senders still makes
+    one line a period. Details go in the keyword arguments of the line that is logged.
+    """
+
+    MAX_KEYS = 512  # a bound in case a caller passes an unbounded reason anyway
 
     def __init__(self, log: Any, period_s: float = 60.0) -> None:
         self.log = log
         self.period_s = period_s
         self._last: dict[tuple[str, str], tuple[float, int]] = {}
 
-    def warning(self, key: str, reason: str, event: str, **kw: Any) -> bool:
+    def _due(self, event: str, reason: str) -> int | None:
         now = time.monotonic()
-        last, count = self._last.get((key, reason), (-1e18, 0))
-        count += 1
+        key = (event, reason)
+        last, suppressed = self._last.get(key, (-1e18, 0))
         if now - last >= self.period_s:
-            self.log.warning(event, key=key, reason=reason, count=count, **kw)
-            self._last[(key, reason)] = (now, 0)
-            return True
-        self._last[(key, reason)] = (last, count)
-        return False
+            if len(self._last) >= self.MAX_KEYS and key not in self._last:
+                self._last.clear()
+            self._last[key] = (now, 0)
+            return suppressed
+        self._last[key] = (last, suppressed + 1)
+        return None
+
+    def warning(self, event: str, reason: str, **kw: Any) -> bool:
+        """Log ``event`` at warning level unless one with this reason went out within the period."""
+        suppressed = self._due(event, reason)
+        if suppressed is None:
+            return False
+        self.log.warning(event, reason=reason, suppressed=suppressed, **kw)
+        return True
+
+    def exception(self, event: str, reason: str, **kw: Any) -> bool:
+        """As :meth:`warning`, at error level with the traceback (call from an ``except``)."""
+        suppressed = self._due(event, reason)
+        if suppressed is None:
+            return False
+        self.log.exception(event, reason=reason, suppressed=suppressed, **kw)
+        return True

@@ -79,5 +79,37 @@ class Metrics:
             "rackguard_power_limit_write_errors", "Failed power-limit writes", registry=r
         )
 
+        # Faults that degrade the agent without stopping it (also in /healthz "degraded").
+        self.outbox_durable = Gauge(
+            "rackguard_outbox_durable", "1 while queued messages are stored on disk", registry=r
+        )
+        self.outbox_faults = Counter(
+            "rackguard_outbox_faults", "Outbox storage faults (open, write, read, delete)", registry=r
+        )
+        self.mqtt_publish_refused = Counter(
+            "rackguard_mqtt_publish_refused", "Publishes the broker refused (kept queued)", registry=r
+        )
+        self.mqtt_inbox_dropped = Counter(
+            "rackguard_mqtt_inbox_dropped",
+            "Incoming messages pushed out of a full inbox lane (oldest of their topic)",
+            ["lane"],
+            registry=r,
+        )
+        self.mqtt_safety_link_connected = Gauge(
+            "rackguard_mqtt_safety_link_connected",
+            "1 while the leak detectors' own broker connection is up",
+            registry=r,
+        )
+        self.degraded = Gauge("rackguard_degraded", "1 while /healthz reports degraded", registry=r)
+        self._totals: dict[tuple[int, tuple[str, ...]], float] = {}
+
+    def advance(self, counter: Counter, total: float, *labels: str) -> None:
+        """Bring a counter up to a total kept elsewhere (it never goes down)."""
+        key = (id(counter), labels)
+        last = self._totals.get(key, 0.0)
+        if total > last:
+            (counter.labels(*labels) if labels else counter).inc(total - last)
+            self._totals[key] = total
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

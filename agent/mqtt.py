@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
+import math
 import random
 import socket
 import time
@@ -29,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import aiomqtt
+from paho.mqtt.client import MQTT_ERR_AGAIN
 from paho.mqtt.client import topic_matches_sub as _paho_topic_matches
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -36,10 +39,25 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from rackguard.agent import log as logmod
 from rackguard.agent.config import Config, MqttConfig, NodeConfig
+from rackguard.agent.inbox import LEAK, OTHER, Inbox
 from rackguard.agent.outbox import MemoryOutbox, Outbox, OutMsg
 
 Handler = Callable[[str, bytes], None]
+Lane = int | Callable[[str], int]  # a fixed inbox lane, or one per topic
 PUBLISH_WINDOW = 64  # QoS 1 messages in flight at once while draining
+MAX_PACKET_BYTES = 65_536  # MQTT 5 Maximum Packet Size: the broker drops larger messages to us
+DISPATCH_BATCH = 8  # handled messages between yields to the socket reader
+READ_BURST = 16  # packets read from the socket per wake-up (short turns: the safety link reads between)
+STABLE_CONNECTION_S = 10.0  # a connection that lasted this long resets the reconnect backoff
+
+
+class PublishRefused(aiomqtt.MqttError):
+    """The broker answered a QoS 1 publish with a failure reason code (e.g. 0x87 not authorized)."""
+
+    def __init__(self, topic: str, reason: str) -> None:
+        super().__init__(f"broker refused publish to {topic}: {reason}")
+        self.topic = topic
+        self.reason = reason
 
 
 def no_local(qos: int = 1) -> SubscribeOptions:
@@ -104,6 +122,72 @@ class ClientLike(Protocol):
 ClientFactory = Callable[[aiomqtt.Will | None], contextlib.AbstractAsyncContextManager[ClientLike]]
 
 
+class _Client(aiomqtt.Client):
+    """aiomqtt's client, but a PUBACK with a failure reason code raises :class:`PublishRefused`.
+
+    aiomqtt 2 ignores the reason code, so a publish the broker's ACL denies would count
+    as delivered and leave the outbox.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._refused: dict[int, str] = {}
+
+    def _on_publish(self, client: Any, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
+        if getattr(reason_code, "is_failure", False):
+            self._refused[mid] = str(reason_code)
+        super()._on_publish(client, userdata, mid, reason_code, properties)
+
+    def _on_socket_open(self, client: Any, userdata: Any, sock: Any) -> None:
+        """As aiomqtt's, but each wake-up reads up to READ_BURST packets, not one.
+
+        paho's ``loop_read`` reads one packet per call when nothing is in flight, so under a
+        storm of QoS 0 messages the socket backlog (and a leak message behind it) would drain
+        one packet per event-loop turn. Reading the socket dry lets the inbox drop the storm
+        and put the leak first.
+        """
+
+        def callback() -> None:
+            try:
+                for _ in range(READ_BURST):
+                    rc = client._packet_read()
+                    if rc == MQTT_ERR_AGAIN:
+                        break
+                    if rc > 0:
+                        client._loop_rc_handle(rc)
+                        break
+            except Exception as exc:
+                if not self._disconnected.done():
+                    self._disconnected.set_exception(exc)
+
+        def create_misc_task() -> None:
+            self._misc_task = self._loop.create_task(self._misc_loop())
+
+        self._loop.call_soon_threadsafe(self._loop.add_reader, sock.fileno(), callback)
+        self._loop.call_soon_threadsafe(create_misc_task)
+
+    async def publish(  # type: ignore[override]
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int = 0,
+        retain: bool = False,
+        properties: Properties | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> None:
+        info = self._client.publish(topic, payload, qos, retain, properties)
+        if info.rc != 0:
+            raise aiomqtt.MqttCodeError(info.rc, "Could not publish message")
+        if not info.is_published():
+            confirmation = asyncio.Event()
+            with self._pending_call(info.mid, confirmation, self._pending_publishes):
+                await self._wait_for(confirmation.wait(), timeout=timeout)
+        reason = self._refused.pop(info.mid, None)
+        if reason is not None:
+            raise PublishRefused(topic, reason)
+
+
 def aiomqtt_factory(cfg: MqttConfig, client_id: str) -> ClientFactory:
     """Build real aiomqtt clients (MQTT 5, TLS and credentials per config)."""
 
@@ -116,7 +200,9 @@ def aiomqtt_factory(cfg: MqttConfig, client_id: str) -> ClientFactory:
                 keyfile=str(cfg.tls.key_file) if cfg.tls.key_file else None,
             )
         password = cfg.password()
-        client = aiomqtt.Client(
+        connect_props = Properties(PacketTypes.CONNECT)
+        connect_props.MaximumPacketSize = MAX_PACKET_BYTES
+        client = _Client(
             cfg.host,
             cfg.port,
             username=cfg.username,
@@ -127,6 +213,7 @@ def aiomqtt_factory(cfg: MqttConfig, client_id: str) -> ClientFactory:
             keepalive=cfg.keepalive_s,
             timeout=cfg.publish_timeout_s,
             tls_params=tls,
+            properties=connect_props,
             # No Nagle delay: a cap sent right after a PUBACK would wait ~40 ms for the broker's
             # delayed ACK (the leak-to-cap path; BENCHMARKS.md "Agent overhead").
             socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
@@ -200,10 +287,14 @@ class MqttLink:
         on_connect: Callable[[], None] | None = None,
         outbox: Outbox | None = None,
         replay_rate_msgs_s: float = 50.0,
+        priority_factory: ClientFactory | None = None,
     ) -> None:
         self.cfg = cfg
         self.topics = topics
         self.factory = client_factory
+        self.priority_factory = priority_factory or client_factory
+        self._priority_topics: dict[str, None] = {}
+        self.priority_connected = False
         self.offline_payload = offline_payload
         self.on_connect = on_connect
         self.outbox: Outbox = outbox if outbox is not None else MemoryOutbox()
@@ -216,9 +307,18 @@ class MqttLink:
         self._live_from_id = 0  # outbox ids <= this were created before the current connection
         self._states: dict[str, OutMsg] = {}
         self._dirty: dict[str, None] = {}
-        self._handlers: list[tuple[str, Handler]] = []
-        self._wake = asyncio.Event()
+        self._handlers: list[tuple[str, Handler, Lane]] = []
+        self._wake = asyncio.Event()  # the outbox has something new
+        self._state_wake = asyncio.Event()  # a state topic changed
+        self.inbox = Inbox()
+        # Publishes the broker refused (ACL): per state topic, and for the outbox as a whole,
+        # (retry at monotonic s, current backoff s). Nothing refused is taken as delivered.
+        self._state_refused: dict[str, tuple[float, float]] = {}
+        self._outbox_refused: tuple[float, float] | None = None
+        self.refused_total = 0
+        self.last_refusal: tuple[float, str] | None = None  # (monotonic s, what)
         self.log = logmod.get("mqtt")
+        self._rl = logmod.RateLimitedLog(self.log, 60.0)
 
     # -- API for the rest of the agent ---------------------------------------------------
     def reconfigure(self, cfg: Config) -> None:
@@ -226,15 +326,36 @@ class MqttLink:
         self.outbox.max_messages = cfg.outbox.max_messages
         self.replay.rate_per_s = cfg.outbox.replay_rate_msgs_s
 
-    def subscribe(self, topic_filter: str, handler: Handler) -> None:
-        """Register a handler; (re)subscribed on every connect. Handlers must not block."""
-        self._handlers.append((topic_filter, handler))
+    def subscribe(self, topic_filter: str, handler: Handler, lane: Lane = OTHER) -> None:
+        """Register a handler; (re)subscribed on every connect. Handlers must not block.
+
+        ``lane`` is the inbox lane (:mod:`rackguard.agent.inbox`) of the messages, or a
+        function of the topic that gives it: lower lanes are handled first.
+        """
+        self._handlers.append((topic_filter, handler, lane))
+
+    def subscribe_priority(self, topic: str) -> None:
+        """Also receive ``topic`` (exact, no wildcards) on a dedicated safety connection.
+
+        A leak detector's message must not wait behind a storm on the main connection:
+        one TCP stream delivers in order, so the only way past a backlog is another
+        stream. While the safety connection is up, copies of these topics that arrive
+        on the main one are skipped. Messages go to the handlers that
+        :meth:`subscribe` registered for the topic, in the leak lane.
+        """
+        self._priority_topics[topic] = None
+
+    def refusing(self, within_s: float = 60.0) -> str | None:
+        """What the broker refused within the last ``within_s``, or None."""
+        if self.last_refusal is None or time.monotonic() - self.last_refusal[0] > within_s:
+            return None
+        return self.last_refusal[1]
 
     def set_state(self, topic: str, payload: bytes, *, expiry_s: int | None = None) -> None:
         """Publish a retained latest-value message now (or on the next connect)."""
         self._states[topic] = OutMsg(topic, payload, qos=1, retain=True, expiry_s=expiry_s)
         self._dirty[topic] = None
-        self._wake.set()
+        self._state_wake.set()
 
     def enqueue(self, msg: OutMsg) -> None:
         """Queue a history message (telemetry, alarm) until the broker acknowledges it."""
@@ -244,15 +365,50 @@ class MqttLink:
     # -- the connection loop -----------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
         """Stay connected until ``stop`` is set; then publish ``offline``, flush, disconnect."""
+        priority = asyncio.create_task(self._run_priority(stop)) if self._priority_topics else None
+        try:
+            await self._run_main(stop)
+        finally:
+            if priority is not None:
+                priority.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await priority
+
+    async def _run_priority(self, stop: asyncio.Event) -> None:
+        """The safety connection: subscribe the priority topics, feed the leak lane; reconnect."""
+        delay = self.cfg.reconnect_min_s
+        while not stop.is_set():
+            try:
+                async with self.priority_factory(None) as client:
+                    for topic in self._priority_topics:
+                        await client.subscribe(topic, qos=1)
+                    self.priority_connected = True
+                    delay = self.cfg.reconnect_min_s
+                    self.log.info("mqtt_safety_link_connected", topics=len(self._priority_topics))
+                    async for message in client.messages:
+                        payload = message.payload
+                        if not isinstance(payload, bytes):
+                            payload = str(payload).encode()
+                        self.inbox.put(LEAK, str(message.topic), payload)
+            except (aiomqtt.MqttError, OSError, TimeoutError) as exc:
+                self._rl.warning("mqtt_safety_link_down", type(exc).__name__, error=str(exc)[:200])
+            finally:
+                self.priority_connected = False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=delay * random.uniform(0.8, 1.2))
+            delay = min(self.cfg.reconnect_max_s, delay * 2)
+
+    async def _run_main(self, stop: asyncio.Event) -> None:
         delay = self.cfg.reconnect_min_s
         last_error: str | None = None
         will = aiomqtt.Will(self.topics.status, self.offline_payload("connection lost"), qos=1, retain=True)
         while True:
+            connected_at: float | None = None
             try:
                 async with self.factory(will) as client:
                     self.connected = True
                     self.connects += 1
-                    delay = self.cfg.reconnect_min_s
+                    connected_at = time.monotonic()
                     self.log.info(
                         "mqtt_connected", host=self.cfg.host, port=self.cfg.port, connects=self.connects
                     )
@@ -261,7 +417,9 @@ class MqttLink:
                     if self.on_connect:
                         self.on_connect()
                     self._dirty.update(dict.fromkeys(self._states))
-                    for topic_filter, _ in self._handlers:
+                    self._state_refused.clear()
+                    self._outbox_refused = None
+                    for topic_filter in dict.fromkeys(f for f, _, _ in self._handlers):
                         await client.subscribe(topic_filter, qos=1)
                     await self._serve(client, stop)
                     # Graceful shutdown: say goodbye explicitly (the will is only for crashes).
@@ -277,6 +435,10 @@ class MqttLink:
                     return
             except (aiomqtt.MqttError, OSError, TimeoutError) as exc:
                 self.connected = False
+                # Only a connection that lasted resets the backoff: a broker that accepts and
+                # then drops us at once (an ACL refusing our will or status) is not hammered.
+                if connected_at is not None and time.monotonic() - connected_at >= STABLE_CONNECTION_S:
+                    delay = self.cfg.reconnect_min_s
                 err = f"{type(exc).__name__}: {exc}"
                 if err != last_error:
                     self.log.warning("mqtt_disconnected", error=err, retry_in_s=round(delay, 2))
@@ -290,15 +452,16 @@ class MqttLink:
 
     async def _serve(self, client: ClientLike, stop: asyncio.Event) -> None:
         recv = asyncio.create_task(self._receive(client))
+        dispatch = asyncio.create_task(self._dispatch())
+        states = asyncio.create_task(self._state_loop(client))
         stopping = asyncio.create_task(stop.wait())
         try:
             while True:
                 self._wake.clear()
-                replay_in_s = await self._flush(client)
+                replay_in_s = await self._flush_outbox(client)
                 if stop.is_set():
+                    await self._publish_dirty(client)
                     return
-                if self._dirty:
-                    continue
                 waker = asyncio.create_task(self._wake.wait())
                 await asyncio.wait(
                     {waker, recv, stopping}, timeout=replay_in_s, return_when=asyncio.FIRST_COMPLETED
@@ -308,10 +471,66 @@ class MqttLink:
                     recv.result()  # re-raise the disconnect
                     raise aiomqtt.MqttError("message loop ended")
         finally:
-            recv.cancel()
-            stopping.cancel()
+            for task in (recv, dispatch, states, stopping):
+                task.cancel()
             with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
                 await recv
+            for task in (dispatch, states):
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def _state_loop(self, client: ClientLike) -> None:
+        """Publish each changed state topic at once, never behind the outbox's acknowledgements.
+
+        One publish per topic is in flight at a time; a value set meanwhile goes next. A
+        refused one is retried with backoff; one lost with the connection stays dirty and
+        is sent again on the next connect.
+        """
+        inflight: dict[str, asyncio.Task[None]] = {}
+
+        def done(topic: str, _task: object) -> None:
+            inflight.pop(topic, None)
+            self._state_wake.set()
+
+        try:
+            while True:
+                self._state_wake.clear()
+                now = time.monotonic()
+                wait_s: float | None = None
+                for topic in list(self._dirty):
+                    if topic in inflight:
+                        continue
+                    refused = self._state_refused.get(topic)
+                    if refused is not None and now < refused[0]:
+                        wait_s = min(wait_s if wait_s is not None else math.inf, refused[0] - now)
+                        continue
+                    task = asyncio.create_task(self._publish_state(client, topic))
+                    inflight[topic] = task
+                    task.add_done_callback(functools.partial(done, topic))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._state_wake.wait(), timeout=wait_s)
+        finally:
+            for task in inflight.values():
+                task.cancel()
+
+    async def _publish_state(self, client: ClientLike, topic: str) -> None:
+        msg = self._states[topic]
+        try:
+            await self._publish(client, msg)
+        except PublishRefused as exc:
+            self._state_refused[topic] = self._refused(exc, self._state_refused.get(topic))
+            return
+        except (aiomqtt.MqttError, OSError, TimeoutError):
+            return  # the connection is failing: the receive loop notices; resent on reconnect
+        self._state_refused.pop(topic, None)
+        if self._states[topic] is msg:  # unchanged while in flight
+            self._dirty.pop(topic, None)
+
+    async def _publish_dirty(self, client: ClientLike) -> None:
+        """Send every dirty state once more (at shutdown, before ``offline``)."""
+        for topic in list(self._dirty):
+            with contextlib.suppress(aiomqtt.MqttError, OSError, TimeoutError):
+                await asyncio.wait_for(self._publish(client, self._states[topic]), 1.0)
 
     async def _publish(self, client: ClientLike, m: OutMsg, historical: bool = False) -> None:
         await client.publish(
@@ -325,14 +544,17 @@ class MqttLink:
         self.published_total += 1
         self.published_bytes += len(m.payload) + len(m.topic)
 
-    async def _flush(self, client: ClientLike) -> float | None:
-        """Publish dirty state, then the outbox; return seconds until more history may go (None: idle)."""
-        while self._dirty:
-            topic = next(iter(self._dirty))
-            msg = self._states[topic]
-            await self._publish(client, msg)
-            if self._states[topic] is msg:  # unchanged while in flight
-                self._dirty.pop(topic, None)
+    def _refused(self, exc: PublishRefused, backoff: tuple[float, float] | None) -> tuple[float, float]:
+        """Count and log a refusal; return the next (retry at, backoff) for what was refused."""
+        self.refused_total += 1
+        self.last_refusal = (time.monotonic(), str(exc))
+        delay = min(self.cfg.reconnect_max_s, 2 * backoff[1]) if backoff else self.cfg.reconnect_min_s
+        self._rl.warning("mqtt_publish_refused", exc.reason, topic=exc.topic, retry_in_s=delay)
+        return time.monotonic() + delay, delay
+
+    async def _flush_outbox(self, client: ClientLike) -> float | None:
+        if self._outbox_refused is not None and time.monotonic() < self._outbox_refused[0]:
+            return self._outbox_refused[0] - time.monotonic()
         while True:
             # Live messages first, then as much history as the replay rate allows.
             live = self.outbox.peek(PUBLISH_WINDOW, after_id=self._live_from_id)
@@ -352,19 +574,51 @@ class MqttLink:
             self.replayed_total += sum(
                 1 for (_, _, h), r in zip(batch, results, strict=True) if h and r is None
             )
-            failed = next((r for r in results if isinstance(r, BaseException)), None)
+            refused = next((r for r in results if isinstance(r, PublishRefused)), None)
+            failed = next(
+                (r for r in results if isinstance(r, BaseException) and not isinstance(r, PublishRefused)),
+                None,
+            )
             if failed is not None:
                 raise failed
-            if self._dirty:
-                return 0.0  # state (e.g. a new cap) jumps ahead of history
+            if refused is not None:
+                # Refused messages stay queued; retry later (the rest of the batch went out).
+                self._outbox_refused = self._refused(refused, self._outbox_refused)
+                return self._outbox_refused[1]
+            self._outbox_refused = None
+
+    def _lane(self, topic: str) -> int:
+        lane = OTHER
+        for topic_filter, _, how in self._handlers:
+            if topic_matches(topic_filter, topic):
+                lane = min(lane, how(topic) if callable(how) else how)
+        return lane
 
     async def _receive(self, client: ClientLike) -> None:
+        """Move every message from the client into the inbox as soon as it is read."""
+        inbox = self.inbox
+        priority = self._priority_topics
         async for message in client.messages:
             topic = str(message.topic)
+            if topic in priority and self.priority_connected:
+                continue  # the safety connection delivers it
             payload = message.payload if isinstance(message.payload, bytes) else str(message.payload).encode()
-            for topic_filter, handler in self._handlers:
-                if topic_matches(topic_filter, topic):
-                    try:
-                        handler(topic, payload)
-                    except Exception:
-                        self.log.exception("mqtt_handler_failed", topic=topic)
+            inbox.put(self._lane(topic), topic, payload)
+
+    async def _dispatch(self) -> None:
+        """Hand inbox messages to their handlers, by lane, yielding to the reader often."""
+        inbox = self.inbox
+        while True:
+            await inbox.wait()
+            for _ in range(DISPATCH_BATCH):
+                item = inbox.get_nowait()
+                if item is None:
+                    break
+                _, topic, payload = item
+                for topic_filter, handler, _ in self._handlers:
+                    if topic_matches(topic_filter, topic):
+                        try:
+                            handler(topic, payload)
+                        except Exception:
+                            self._rl.exception("mqtt_handler_failed", topic_filter, topic=topic[:200])
+            await asyncio.sleep(0)

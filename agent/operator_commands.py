@@ -31,11 +31,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import heapq
 import hmac
 import json
 import math
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -46,7 +46,7 @@ from rackguard.agent import log as logmod
 from rackguard.agent.config import CommandsConfig, Config
 
 MAX_PAYLOAD_BYTES = 4096
-MAX_REMEMBERED_IDS = 10_000
+MAX_REMEMBERED_IDS = 10_000  # ids inside the replay window; past this, new commands are refused
 CommandId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
 
 
@@ -178,8 +178,11 @@ class CommandProcessor:
         self.cfg = cfg
         self.actions = actions
         self.clock = clock
-        self._seen: OrderedDict[str, float] = OrderedDict()  # id -> t_s, oldest first
+        # Every accepted id whose t_s is still inside the window, and a heap to expire them.
+        self._seen: dict[str, float] = {}
+        self._expiry: list[tuple[float, str]] = []
         self.log = logmod.get("commands")
+        self._rl = logmod.RateLimitedLog(self.log, 60.0)
 
     def reconfigure(self, cfg: Config) -> None:
         """Reloaded ``commands.*`` (skew, signatures, key file) and the ``control.max_cap`` bound."""
@@ -217,15 +220,19 @@ class CommandProcessor:
             outcome = Outcome(cid, name, False, f"failed: {type(exc).__name__}: {exc}"[:200])
         else:
             outcome = Outcome(cid, name, True, outcome.reason, outcome.cap_total)
-        log = self.log.info if outcome.accepted else self.log.warning
-        log(
-            "command",
-            id=outcome.id,
-            command=outcome.command,
-            accepted=outcome.accepted,
-            reason=outcome.reason,
-            signed=signed,
-        )
+        if outcome.accepted:
+            self.log.info(
+                "command", id=outcome.id, command=outcome.command, reason=outcome.reason, signed=signed
+            )
+        else:
+            self._rl.warning(
+                "command_rejected",
+                outcome.reason.split(":", 1)[0][:40],
+                id=outcome.id,
+                command=outcome.command,
+                detail=outcome.reason,
+                signed=signed,
+            )
         return outcome
 
     def _authenticate(self, obj: dict[str, Any]) -> tuple[bytes, bool]:
@@ -251,18 +258,26 @@ class CommandProcessor:
         skew = self.cfg.max_skew_s
         if abs(now - cmd.t_s) > skew:
             raise Rejected(f"replayed or stale: t_s is {now - cmd.t_s:+.1f} s from now (window ±{skew:g} s)")
+        self._expire(now - skew)
         if cmd.id in self._seen:
             raise Rejected(f"replayed: id {cmd.id!r} already used")
+        if len(self._seen) >= MAX_REMEMBERED_IDS:
+            # Forgetting an id still inside the window would let it be replayed: refuse instead.
+            raise Rejected(
+                f"overloaded: {MAX_REMEMBERED_IDS} commands within the ±{skew:g} s window; retry later"
+            )
+
+    def _expire(self, horizon_s: float) -> None:
+        """Forget ids whose t_s can no longer pass the window (t_s < horizon)."""
+        while self._expiry and self._expiry[0][0] < horizon_s:
+            t_s, cid = heapq.heappop(self._expiry)
+            if self._seen.get(cid) == t_s:
+                del self._seen[cid]
 
     def _remember(self, cmd: Command) -> None:
-        """Keep ids while their t_s could still pass the window; bounded."""
+        """Keep the id for as long as its t_s could pass the window."""
         self._seen[cmd.id] = cmd.t_s
-        horizon = self.clock() - 2 * self.cfg.max_skew_s
-        while self._seen:
-            oldest_id, oldest_t = next(iter(self._seen.items()))
-            if oldest_t >= horizon and len(self._seen) <= MAX_REMEMBERED_IDS:
-                break
-            del self._seen[oldest_id]
+        heapq.heappush(self._expiry, (cmd.t_s, cmd.id))
 
     def _execute(self, cmd: Command) -> Outcome:
         a = self.actions

@@ -47,10 +47,17 @@ class OutMsg:
 
 
 class Outbox(Protocol):
-    dropped_total: int
     max_messages: int
+    fault: str | None  # why messages are not stored durably now (None: fine, or not asked for)
+    faults_total: int
+    lost_on_open: bool  # the store was found corrupt at start (its queue and seqs are gone)
 
-    def put(self, msg: OutMsg) -> None: ...
+    @property
+    def dropped_total(self) -> int: ...
+    @property
+    def durable(self) -> bool: ...
+
+    def put(self, msg: OutMsg, msg_id: int | None = None) -> None: ...
     def peek(
         self, limit: int, *, after_id: int = 0, upto_id: int | None = None
     ) -> list[tuple[int, OutMsg]]: ...
@@ -64,6 +71,11 @@ class Outbox(Protocol):
 class MemoryOutbox:
     """In-memory, bounded, ordered outbox (not durable: a restart loses it)."""
 
+    durable = False
+    fault: str | None = None
+    faults_total = 0
+    lost_on_open = False
+
     def __init__(self, max_messages: int = 10_000) -> None:
         self.max_messages = max_messages
         self.dropped_total = 0
@@ -72,8 +84,11 @@ class MemoryOutbox:
         self._seqs: dict[str, int] = {}
         self._q: OrderedDict[int, OutMsg] = OrderedDict()
 
-    def put(self, msg: OutMsg) -> None:
-        self._last_id = next(self._ids)
+    def put(self, msg: OutMsg, msg_id: int | None = None) -> None:
+        """Queue ``msg`` (under ``msg_id``, which must exceed every id so far, when given)."""
+        self._last_id = next(self._ids) if msg_id is None else msg_id
+        if msg_id is not None:
+            self._ids = itertools.count(msg_id + 1)
         self._q[self._last_id] = msg
         if msg.seq is not None:
             self._seqs[msg.kind] = max(self._seqs.get(msg.kind, 0), msg.seq)
@@ -136,13 +151,17 @@ class SqliteOutbox:
         sqlite3.Error, OSError: the database cannot be opened or created.
     """
 
+    durable = True
+    fault: str | None = None  # a write error raises to the caller instead (ResilientOutbox)
+    faults_total = 0
+    lost_on_open = False
+
     def __init__(
         self, path: Path, max_messages: int = 10_000, *, synchronous: Literal["full", "normal"] = "full"
     ) -> None:
         self.path = path
         self.max_messages = max_messages
         self.log = logmod.get("outbox")
-        self._errors = 0
         path.parent.mkdir(parents=True, exist_ok=True)
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, one transaction per operation.
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -164,29 +183,32 @@ class SqliteOutbox:
         row = self._db.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
         return int(row[0]) if row else 0
 
-    def put(self, msg: OutMsg) -> None:
+    def put(self, msg: OutMsg, msg_id: int | None = None) -> None:
         """Store a message (and its seq) in one transaction; drop the oldest telemetry if full.
 
-        A write error (disk full, I/O error) is logged and counted as a drop: the
-        control loop must not stop because the disk did.
+        Raises:
+            sqlite3.Error: the write failed (disk full, read-only, I/O error); nothing changed.
         """
-        try:
-            self._put(msg)
-        except sqlite3.Error as exc:
-            self.dropped_total += 1
-            self._errors += 1
-            if self._errors in (1, 10, 100) or self._errors % 1000 == 0:
-                self.log.error("outbox_write_failed", error=str(exc), kind=msg.kind, errors=self._errors)
+        self._put(msg, msg_id)
 
-    def _put(self, msg: OutMsg) -> None:
+    def _put(self, msg: OutMsg, msg_id: int | None) -> None:
         db = self._db
         dropped = 0
         db.execute("BEGIN IMMEDIATE")
         try:
             cur = db.execute(
-                "INSERT INTO outbox (topic, payload, kind, qos, retain, expiry_s, created_s)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (msg.topic, msg.payload, msg.kind, msg.qos, int(msg.retain), msg.expiry_s, time.time()),
+                "INSERT INTO outbox (id, topic, payload, kind, qos, retain, expiry_s, created_s)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    msg_id,
+                    msg.topic,
+                    msg.payload,
+                    msg.kind,
+                    msg.qos,
+                    int(msg.retain),
+                    msg.expiry_s,
+                    time.time(),
+                ),
             )
             last_id = int(cur.lastrowid or 0)
             if msg.seq is not None:
@@ -258,33 +280,196 @@ class SqliteOutbox:
         self._db.close()
 
 
+class ResilientOutbox:
+    """The durable outbox, kept going through storage faults; it recovers by itself.
+
+    Messages go to SQLite at ``path``. When the file cannot be opened or written (disk
+    full, read-only, I/O error), they go to a bounded memory queue instead, so that live
+    messages still go out (without durability), and :attr:`fault` says why. Every
+    ``retry_s`` the database is tried again; once it takes a write, the messages held in
+    memory move into it. An acknowledgement whose delete fails is remembered and retried,
+    and never raises: a full disk must not take the broker link down. Ids are allocated
+    here, so they increase across both stores.
+
+    Args:
+        path: The database file, or None for memory only (not a fault: nothing was asked for).
+        max_messages: Bound of each store.
+        synchronous: SQLite's fsync policy.
+        retry_s: How often a failed database is tried again.
+    """
+
+    def __init__(
+        self,
+        path: Path | None,
+        max_messages: int = 10_000,
+        *,
+        synchronous: Literal["full", "normal"] = "full",
+        retry_s: float = 5.0,
+    ) -> None:
+        self.path = path
+        self.synchronous = synchronous
+        self.retry_s = retry_s
+        self.log = logmod.get("outbox")
+        self.db: SqliteOutbox | None = None
+        self.mem = MemoryOutbox(max_messages)
+        self.fault: str | None = None
+        self.faults_total = 0
+        self.lost_on_open = False  # the database was missing, empty or corrupt at start
+        self._max_messages = max_messages
+        self._retry_at = 0.0
+        self._unacked_deletes: set[int] = set()
+        self._open()
+        self._last_id = self.db.last_id() if self.db is not None else 0
+
+    # -- storage ---------------------------------------------------------------------------
+    def _open(self) -> None:
+        if self.path is None:
+            return
+        path = self.path
+        existed = path.exists() and path.stat().st_size > 0
+        for attempt in range(2):
+            try:
+                self.db = SqliteOutbox(path, self._max_messages, synchronous=self.synchronous)
+                self.log.info(
+                    "outbox_opened", path=str(path), queued=len(self.db), dropped_total=self.db.dropped_total
+                )
+                return
+            except sqlite3.DatabaseError as exc:
+                if attempt or isinstance(exc, sqlite3.OperationalError):
+                    self._failed(f"cannot open {path}: {exc}")
+                    return
+                aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+                self.log.error("outbox_corrupt", path=str(path), error=str(exc), moved_to=str(aside))
+                self.lost_on_open = existed
+                for suffix in ("", "-wal", "-shm"):
+                    src = Path(str(path) + suffix)
+                    if src.exists():
+                        src.rename(Path(str(aside) + suffix))
+            except OSError as exc:
+                self._failed(f"cannot open {path}: {exc.strerror or exc}")
+                return
+
+    def _failed(self, why: str) -> None:
+        if self.fault is None:
+            self.log.error("outbox_fault", fault=why, fallback="memory", retry_s=self.retry_s)
+        self.fault = why
+        self.faults_total += 1
+        self._retry_at = time.monotonic() + self.retry_s
+
+    def _recovered(self) -> None:
+        assert self.db is not None
+        moved = 0
+        for i, m in self.mem.peek(len(self.mem)):
+            try:
+                self.db.put(m, i)
+            except sqlite3.Error:
+                break
+            self.mem.ack([i])
+            moved += 1
+        self.log.warning(
+            "outbox_recovered", after=self.fault, moved_from_memory=moved, left_in_memory=len(self.mem)
+        )
+        self.fault = None
+
+    def _retry_due(self) -> bool:
+        return self.fault is not None and time.monotonic() >= self._retry_at
+
+    # -- the Outbox protocol -------------------------------------------------------------
+    @property
+    def max_messages(self) -> int:
+        return self._max_messages
+
+    @max_messages.setter
+    def max_messages(self, n: int) -> None:
+        self._max_messages = n
+        self.mem.max_messages = n
+        if self.db is not None:
+            self.db.max_messages = n
+
+    @property
+    def dropped_total(self) -> int:
+        return self.mem.dropped_total + (self.db.dropped_total if self.db is not None else 0)
+
+    @property
+    def durable(self) -> bool:
+        return self.db is not None and self.fault is None
+
+    def put(self, msg: OutMsg, msg_id: int | None = None) -> None:
+        """Store ``msg``: in the database, or in memory while the database fails."""
+        msg_id = self._last_id + 1 if msg_id is None else msg_id
+        self._last_id = msg_id
+        if self.db is None and self._retry_due():
+            self._open()
+        if self.db is not None and (self.fault is None or self._retry_due()):
+            try:
+                self.db.put(msg, msg_id)
+            except sqlite3.Error as exc:
+                self._failed(f"outbox write failed: {exc}")
+            else:
+                if self.fault is not None:
+                    self._recovered()
+                return
+        self.mem.put(msg, msg_id)
+
+    def peek(self, limit: int, *, after_id: int = 0, upto_id: int | None = None) -> list[tuple[int, OutMsg]]:
+        if limit <= 0:
+            return []
+        extra = len(self._unacked_deletes)
+        rows: list[tuple[int, OutMsg]] = []
+        if self.db is not None:
+            try:
+                rows = self.db.peek(limit + extra, after_id=after_id, upto_id=upto_id)
+            except sqlite3.Error as exc:
+                self._failed(f"outbox read failed: {exc}")
+        if extra:
+            rows = [r for r in rows if r[0] not in self._unacked_deletes]
+        rows += self.mem.peek(limit, after_id=after_id, upto_id=upto_id)
+        rows.sort(key=lambda r: r[0])
+        return rows[:limit]
+
+    def ack(self, ids: list[int]) -> None:
+        """Forget acknowledged messages; never raises (a failed delete is retried later)."""
+        if not ids:
+            return
+        self.mem.ack(ids)
+        if self.db is None:
+            return
+        todo = [*self._unacked_deletes, *ids]
+        try:
+            self.db.ack(todo)
+        except sqlite3.Error as exc:
+            self._unacked_deletes.update(ids)
+            self._failed(f"outbox delete failed: {exc}")
+        else:
+            self._unacked_deletes.clear()
+
+    def last_id(self) -> int:
+        return self._last_id
+
+    def last_seq(self, stream: str) -> int:
+        db_seq = 0
+        if self.db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                db_seq = self.db.last_seq(stream)
+        return max(db_seq, self.mem.last_seq(stream))
+
+    def __len__(self) -> int:
+        return len(self.mem) + (len(self.db) - len(self._unacked_deletes) if self.db is not None else 0)
+
+    def close(self) -> None:
+        if self.db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self.db.ack(list(self._unacked_deletes))
+            self.db.close()
+
+
 def open_outbox(
     path: Path | None, max_messages: int, *, synchronous: Literal["full", "normal"] = "full"
-) -> SqliteOutbox | MemoryOutbox:
-    """The durable outbox at ``path``, or a memory one when ``path`` is None or cannot be opened.
+) -> ResilientOutbox:
+    """The outbox at ``path`` (None: memory only, with a warning), kept going through storage faults.
 
     A corrupt database is moved aside (``<name>.corrupt-<time>``) and a fresh one created.
     """
-    log = logmod.get("outbox")
     if path is None:
-        log.warning("outbox_not_durable", reason="no outbox.path and no $STATE_DIRECTORY")
-        return MemoryOutbox(max_messages)
-    for attempt in range(2):
-        try:
-            box = SqliteOutbox(path, max_messages, synchronous=synchronous)
-            log.info("outbox_opened", path=str(path), queued=len(box), dropped_total=box.dropped_total)
-            return box
-        except sqlite3.DatabaseError as exc:
-            if attempt or isinstance(exc, sqlite3.OperationalError):
-                log.error("outbox_open_failed", path=str(path), error=str(exc), fallback="memory")
-                break
-            aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
-            log.error("outbox_corrupt", path=str(path), error=str(exc), moved_to=str(aside))
-            for suffix in ("", "-wal", "-shm"):
-                src = Path(str(path) + suffix)
-                if src.exists():
-                    src.rename(Path(str(aside) + suffix))
-        except OSError as exc:
-            log.error("outbox_open_failed", path=str(path), error=str(exc), fallback="memory")
-            break
-    return MemoryOutbox(max_messages)
+        logmod.get("outbox").warning("outbox_not_durable", reason="no outbox.path and no $STATE_DIRECTORY")
+    return ResilientOutbox(path, max_messages, synchronous=synchronous)

@@ -26,6 +26,7 @@ from rackguard.agent.metrics import Metrics
 from rackguard.agent.mqtt import MqttLink, Topics
 from rackguard.agent.outbox import OutMsg
 from rackguard.agent.sensing import GpuState
+from rackguard.agent.seqstore import SeqStore
 from rackguard.agent.snapshot import NodeSnapshot
 from rackguard.agent.telemetry import Window
 from rackguard.sensors.base import GpuInfo
@@ -79,6 +80,7 @@ class Reporter:
         gates: GateTracker,
         energy: EnergyMeter,
         backend_name: str,
+        seqs: SeqStore,
         host: Any = None,
     ) -> None:
         self.cfg = cfg
@@ -87,7 +89,10 @@ class Reporter:
         self.backend_name = backend_name
         self.host = host
         self.gpus: list[GpuState] = []
-        self.telemetry_seq = link.outbox.last_seq("telemetry")  # continues across restarts
+        # The durable outbox holds telemetry's exact seq (written with each message); the seq
+        # store only matters when the outbox lost it (then the jump tells consumers of the loss).
+        self.seqs = seqs
+        self.telemetry_seq = link.outbox.last_seq("telemetry") or seqs.last("telemetry")
         self.birth_uuids: tuple[str, ...] = ()
         self._dropped_seen = link.outbox.dropped_total
         self.log = logmod.get("reports")
@@ -136,6 +141,7 @@ class Reporter:
         host = await self._host_sample()
         now = time.time()
         self.telemetry_seq += 1
+        self.seqs.reserve("telemetry", self.telemetry_seq)
         msg = Telemetry(
             seq=self.telemetry_seq,
             t_s=window.end_s or now,
@@ -206,8 +212,16 @@ class Reporter:
         self._dropped_seen = dropped
 
     def link_metrics(self) -> None:
-        self.metrics.mqtt_connected.set(1.0 if self.link.connected else 0.0)
-        self.metrics.mqtt_queue_depth.set(len(self.link.outbox))
+        m, link = self.metrics, self.link
+        m.mqtt_connected.set(1.0 if link.connected else 0.0)
+        m.mqtt_queue_depth.set(len(link.outbox))
+        m.mqtt_safety_link_connected.set(1.0 if link.priority_connected else 0.0)
+        m.advance(m.mqtt_publish_refused, link.refused_total)
+        for lane, n in link.inbox.dropped_total.items():
+            m.advance(m.mqtt_inbox_dropped, n, lane)
+        box = link.outbox
+        m.outbox_durable.set(1.0 if box.durable else 0.0)
+        m.advance(m.outbox_faults, box.faults_total)
 
     def status_line(self) -> str:
         """One line for ``systemctl status`` (sd_notify STATUS=)."""

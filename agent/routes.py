@@ -31,6 +31,32 @@ def health(agent: Agent) -> list[str]:
     return problems
 
 
+def degraded(agent: Agent) -> list[str]:
+    """What keeps the agent from full service although it runs (``/healthz`` stays 200)."""
+    out = []
+    link = agent.link
+    box = link.outbox
+    if box.fault:
+        out.append(f"outbox not durable: {box.fault}")
+    if box.lost_on_open:
+        out.append("outbox was lost at start (corrupt or emptied): queued messages and their seq may be gone")
+    if refusal := link.refusing():
+        out.append(f"broker refuses publishes: {refusal}")
+    if not link.connected:
+        out.append("mqtt disconnected")
+    elif agent.coolant.priority_topics() and not link.priority_connected:
+        out.append("mqtt safety link (leak detectors) disconnected")
+    snap = agent.coolant.snapshot()
+    if snap.stale:
+        out.append(f"coolant stale: {', '.join(snap.stale_sensors)}")
+    if snap.leak != "ok":
+        out.append(f"leak {snap.leak}: {', '.join(snap.leak_sensors) or 'detector'}")
+    msg = agent.cap_msg
+    if msg is not None and msg.reason not in ("mpc", "manual"):
+        out.append(f"cap held by safety: {msg.reason} (total {msg.total})")
+    return out
+
+
 def routes(agent: Agent) -> dict[str, Route]:
     """The routes, bound to a running agent."""
 
@@ -40,7 +66,11 @@ def routes(agent: Agent) -> dict[str, Route]:
 
     def healthz() -> tuple[int, str, bytes]:
         problems = health(agent)
-        return json_response(503 if problems else 200, {"ok": not problems, "problems": problems})
+        worse = degraded(agent)
+        agent.metrics.degraded.set(1.0 if worse else 0.0)
+        status = "failed" if problems else "degraded" if worse else "ok"
+        body = {"ok": not problems, "status": status, "problems": problems, "degraded": worse}
+        return json_response(503 if problems else 200, body)
 
     def cap() -> tuple[int, str, bytes]:
         msg = agent.cap_msg

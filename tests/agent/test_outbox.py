@@ -14,16 +14,18 @@ from pathlib import Path
 import pytest
 
 from rackguard.agent.config import OutboxConfig
-from rackguard.agent.outbox import MemoryOutbox, Outbox, OutMsg, SqliteOutbox, open_outbox
+from rackguard.agent.outbox import MemoryOutbox, Outbox, OutMsg, ResilientOutbox, SqliteOutbox, open_outbox
 
 REPO = Path(__file__).resolve().parents[2]
 Factory = Callable[[int], Outbox]
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "resilient"])
 def make(request: pytest.FixtureRequest, tmp_path: Path) -> Factory:
     if request.param == "memory":
         return lambda n: MemoryOutbox(n)
+    if request.param == "resilient":
+        return lambda n: ResilientOutbox(tmp_path / "state" / "outbox.sqlite", n)
     return lambda n: SqliteOutbox(tmp_path / "state" / "outbox.sqlite", n)
 
 
@@ -130,10 +132,11 @@ def test_open_outbox_paths_and_corruption(tmp_path: Path) -> None:
     assert OutboxConfig().resolved_path({"STATE_DIRECTORY": "/s:/t"}) == Path("/s/outbox.sqlite")
     assert OutboxConfig().resolved_path({}) is None
     assert OutboxConfig(path=Path("/x/y.db")).resolved_path({"STATE_DIRECTORY": "/s"}) == Path("/x/y.db")
-    assert isinstance(open_outbox(None, 10), MemoryOutbox)
+    mem = open_outbox(None, 10)
+    assert mem.db is None and mem.fault is None and not mem.durable  # nothing asked for: no fault
     bad = tmp_path / "bad.sqlite"
     bad.write_bytes(b"this is not a database" * 100)
     box = open_outbox(bad, 10)
-    assert isinstance(box, SqliteOutbox) and len(box) == 0
+    assert box.durable and len(box) == 0 and box.lost_on_open
     assert list(tmp_path.glob("bad.sqlite.corrupt-*"))
     box.close()
