@@ -172,6 +172,7 @@ def topic_filter(v: str) -> str:
 
 
 Host = Annotated[str, AfterValidator(_host)]
+NoNul = Annotated[str, Field(pattern=r"^[^\x00]*$")]
 TopicFilter = Annotated[str, Field(max_length=256), AfterValidator(topic_filter)]
 
 
@@ -260,9 +261,9 @@ class MqttConfig(_Section):
     host: Host = "localhost"
     port: int = Field(default=1883, ge=1, le=65535)
     keepalive_s: int = Field(default=15, ge=2, le=3600)
-    username: str | None = None
+    username: NoNul | None = None
     password_file: Path | None = None
-    client_id: str | None = None
+    client_id: NoNul | None = None
     topic_prefix: TopicSafe = "rackguard"
     tls: TlsConfig | None = None
     reconnect_min_s: float = Field(default=0.5, gt=0, le=60)
@@ -673,23 +674,26 @@ def _tags(model: type[BaseModel]) -> tuple[Any, ...]:
 def _walk(loc: tuple[int | str, ...]) -> tuple[tuple[int | str, ...], list[str]]:
     """An error's location without union tags, and the valid keys beside its last part."""
     models: list[type[BaseModel]] = [Config]
+    siblings: list[type[BaseModel]] = models
     clean: list[int | str] = []
-    for part in loc[:-1]:
+    for i, part in enumerate(loc):
         if isinstance(part, int):
             clean.append(part)
             continue
-        tagged = [m for m in models if part in _tags(m) and part not in m.model_fields]
+        after_item = i > 0 and isinstance(loc[i - 1], int)
+        tagged = [m for m in models if after_item and part in _tags(m) and part not in m.model_fields]
         if tagged:
             models = tagged  # a discriminated union's tag (e.g. coolant.sensors[0].leak): not a key
             continue
         clean.append(part)
+        siblings = models
         models = [
             m
             for model in models
             if part in model.model_fields
             for m in _models_in(model.model_fields[part].annotation)
         ]
-    return (*clean, *loc[-1:]), sorted({f for m in models for f in m.model_fields})
+    return tuple(clean), sorted({f for m in siblings for f in m.model_fields})
 
 
 def _key_path(loc: tuple[int | str, ...]) -> str:
@@ -730,7 +734,7 @@ def validate(data: Mapping[str, Any], *, env: Mapping[str, str] | None = None) -
                 "input" in err
                 and not isinstance(err["input"], dict | list)
                 and err["type"] != "missing"
-                and repr(err["input"]) not in msg
+                and not (isinstance(err["input"], str) and err["input"] and err["input"] in msg)
             ):
                 msg = f"{msg} (got {err['input']!r})"
             for name, (path, value) in sources.items():
