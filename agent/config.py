@@ -171,8 +171,29 @@ def topic_filter(v: str) -> str:
     return v
 
 
+def _bind_address(v: str) -> str:
+    """A local address to listen on: an IP address, or ``localhost`` (no DNS lookup at start)."""
+    if v != "localhost":
+        try:
+            ipaddress.ip_address(v)
+        except ValueError:
+            raise ValueError(
+                "must be an IP address to listen on (e.g. 127.0.0.1, 0.0.0.0, ::) or localhost"
+            ) from None
+    return v
+
+
+def _no_nul_path(v: Path) -> Path:
+    if "\x00" in str(v):
+        raise ValueError("a path cannot contain NUL")
+    return v
+
+
 Host = Annotated[str, AfterValidator(_host)]
-NoNul = Annotated[str, Field(pattern=r"^[^\x00]*$")]
+BindAddress = Annotated[str, AfterValidator(_bind_address)]
+FilePath = Annotated[Path, AfterValidator(_no_nul_path)]
+# MQTT strings are at most 65,535 UTF-8 bytes, with no NUL.
+NoNul = Annotated[str, Field(max_length=65_535 // 4, pattern=r"^[^\x00]*$")]
 TopicFilter = Annotated[str, Field(max_length=256), AfterValidator(topic_filter)]
 
 
@@ -348,7 +369,7 @@ class OutboxConfig(_Section):
         "replay_rate_msgs_s": LIVE,
     }
 
-    path: Path | None = Field(
+    path: FilePath | None = Field(
         default=None,
         description="SQLite file; relative paths (and the default, outbox.sqlite) live in "
         "$STATE_DIRECTORY when systemd sets it. Unset and no $STATE_DIRECTORY: in memory only.",
@@ -371,7 +392,7 @@ class OutboxConfig(_Section):
 class HttpConfig(_Section):
     RELOAD: ClassVar[dict[str, Reload]] = {"host": RESTART, "port": RESTART}
 
-    host: Host = "127.0.0.1"
+    host: BindAddress = "127.0.0.1"
     port: int = Field(default=9108, ge=0, le=65535, description="0 disables the HTTP server")
 
 
@@ -410,12 +431,12 @@ class ControlConfig(_Section):
     )
     slowdown_c: float | None = Field(default=None, ge=30, le=120, description="default: the GPU's slowdown")
     margin_c: float = Field(default=2.0, ge=0, le=30)
-    node_power_budget_w: float | None = Field(default=None, gt=0)
+    node_power_budget_w: float | None = Field(default=None, gt=0, le=1e6)
     min_cap: int = Field(default=1, ge=0)
     max_cap: int = Field(default=256, ge=1, le=100_000)
     safe_cap: int = Field(default=8, ge=0)
     leak_cap: int = Field(default=4, ge=0)
-    cap_rise_per_s: float = Field(default=32.0, gt=0)
+    cap_rise_per_s: float = Field(default=32.0, gt=0, le=1e6)
 
     @model_validator(mode="after")
     def _caps(self) -> ControlConfig:
@@ -535,13 +556,16 @@ class PowerLimitsConfig(_Section):
     }
 
     enabled: bool = False
-    state_file: Path | None = Field(
+    state_file: FilePath | None = Field(
         default=None,
         description="where the original limits are saved before the first write; relative paths (and the "
         "default, power_limits.json) live in $STATE_DIRECTORY, else /var/lib/rackguard",
     )
     node_power_budget_w: float | None = Field(
-        default=None, gt=0, description="split evenly across the GPUs; default: control.node_power_budget_w"
+        default=None,
+        gt=0,
+        le=1e6,
+        description="split evenly across the GPUs; default: control.node_power_budget_w",
     )
     min_on_reasons: tuple[Literal["leak", "thermal", "gpu_lost", "stale"], ...] = Field(
         default=("leak", "thermal"),
