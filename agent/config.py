@@ -651,20 +651,26 @@ def _env_paths(environ: Mapping[str, str]) -> dict[str, tuple[tuple[str, ...], s
 
 
 def _env_typos(environ: Mapping[str, str]) -> list[tuple[str, str]]:
-    """``RACKGUARD_*`` variables that are not overrides (no ``__``): a typo would be ignored silently."""
+    """``RACKGUARD_MQTT_PORT`` (a section, then one ``_``): a mistyped override, which would be ignored.
+
+    Other ``RACKGUARD_*`` variables (no section prefix) are left to whoever reads them.
+    """
     out = []
     for name in sorted(environ):
-        if name.startswith(ENV_PREFIX) and "__" not in name:
-            rest = name[len(ENV_PREFIX) :].lower()
-            hint = next(
-                (
-                    f"; did you mean {ENV_PREFIX}{section.upper()}__{rest[len(section) + 1 :].upper()}?"
-                    for section in Config.model_fields
-                    if rest.startswith(section + "_") and len(rest) > len(section) + 1
-                ),
-                "",
-            )
-            out.append((name, f"not a config override (they are {ENV_PREFIX}<SECTION>__<KEY>){hint}"))
+        rest = name[len(ENV_PREFIX) :].lower()
+        if not name.startswith(ENV_PREFIX) or "__" in rest:
+            continue
+        for section in Config.model_fields:
+            key = rest.removeprefix(section + "_")
+            if key != rest and key:
+                fix = f"{ENV_PREFIX}{section.upper()}__{key.upper()}"
+                out.append(
+                    (
+                        name,
+                        f"not a config override (they are {ENV_PREFIX}<SECTION>__<KEY>); did you mean {fix}?",
+                    )
+                )
+                break
     return out
 
 

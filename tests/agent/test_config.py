@@ -150,8 +150,9 @@ def test_env_override_error_names_the_variable(tmp_path: Path) -> None:
 
 def test_env_variable_that_is_no_override_is_an_error() -> None:
     """``RACKGUARD_MQTT_PORT`` (one underscore) would be ignored silently; it is refused with the fix."""
+    assert configmod.load(None, environ={"RACKGUARD_SIGN_KEY": "k"}).mqtt.port == 1883  # not ours: left alone
     with pytest.raises(configmod.ConfigError) as ei:
-        configmod.load(None, environ={"RACKGUARD_MQTT_PORT": "1884"})
+        configmod.load(None, environ={"RACKGUARD_MQTT_PORT": "1884", "RACKGUARD_SIGN_KEY": "k"})
     assert ei.value.errors == [
         (
             "RACKGUARD_MQTT_PORT",
