@@ -79,12 +79,15 @@ def resolve_secret_path(path: Path) -> Path:
     return path
 
 
-def _read_secret_file(path: Path) -> tuple[Path, bytes]:
-    """Resolve and read a secret or TLS file; the error says where it looked and what to do."""
+_SECRET_MAX_BYTES = 64 * 1024
+
+
+def _read_secret_file(path: Path, limit: int = 0) -> tuple[Path, bytes]:
+    """Resolve a secret or TLS file and read up to ``limit`` bytes; the error says where it looked."""
     resolved = resolve_secret_path(path)
     try:
         with resolved.open("rb") as f:
-            return resolved, f.read(1 << 20)
+            return resolved, f.read(limit)
     except OSError as exc:
         why = exc.strerror or str(exc)
         if path.is_absolute():
@@ -109,6 +112,8 @@ def _readable_secret(path: Path | None) -> Path | None:
 
 def _secret_value(raw: bytes, path: Path) -> str:
     """A secret file's value: its first line, stripped (what :func:`read_secret` returns)."""
+    if len(raw) > _SECRET_MAX_BYTES:
+        raise ValueError(f"{str(path)!r} is over {_SECRET_MAX_BYTES // 1024} KiB: not a secret file")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -127,7 +132,7 @@ def _valid_secret(path: Path | None, min_bytes: int = 1) -> Path | None:
     """A secret file that is readable, UTF-8 and at least ``min_bytes`` long: its resolved path."""
     if path is None:
         return None
-    resolved, raw = _read_secret_file(path)
+    resolved, raw = _read_secret_file(path, _SECRET_MAX_BYTES + 1)
     n = len(_secret_value(raw, resolved).encode())
     if n < min_bytes:
         raise ValueError(
