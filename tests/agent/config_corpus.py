@@ -3,8 +3,9 @@
 ``python -m tests.agent.config_corpus check-config`` (or ``run``) prints one JSON line per case:
 ``{"case", "rc", "stderr"}``, where ``rc`` is what ``rackguard`` would exit with. ``run`` is
 ``rackguard run --sim --config FILE``; a case that starts the agent instead of exiting is stopped
-after a few seconds and reported as ``"started"``. One process for the whole corpus keeps the
-test fast (a fresh interpreter per case costs about a second).
+after a few seconds and reported as ``"started"``, and the cases after it as not run (a stopped
+agent may leave threads behind). One process for the whole corpus keeps the test fast (a fresh
+interpreter per case costs about a second).
 """
 
 from __future__ import annotations
@@ -55,7 +56,11 @@ def main(mode: str) -> None:
     from rackguard.agent import cli
 
     signal.signal(signal.SIGALRM, _alarm)
+    started = None
     for name, case in cases().items():
+        if started:
+            print(json.dumps({"case": name, "rc": f"not run: {started} started the agent", "stderr": ""}))
+            continue
         os.environ.clear()
         os.environ.update(environ_for(case))
         err = io.StringIO()
@@ -65,7 +70,7 @@ def main(mode: str) -> None:
                 signal.alarm(5)
                 rc = cli.main(argv_for(mode, CORPUS / name))
         except _Started:
-            rc = "started"
+            rc, started = "started", name
         except BaseException as exc:  # a traceback is a failure the test reports
             rc = f"raised {type(exc).__name__}: {exc}"
         finally:
