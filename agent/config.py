@@ -6,25 +6,34 @@ pydantic coerces them to the field's type.
 
 Secrets are never values in the file: they are paths (``mqtt.password_file``),
 resolved against ``$CREDENTIALS_DIRECTORY`` (systemd ``LoadCredential=``) when
-relative and that variable is set, and read only when needed.
+relative and that variable is set. Validation reads them once (readable, UTF-8,
+long enough, TLS files parse), so ``check-config`` rejects whatever ``run`` would;
+the agent reads them again when it needs them.
 """
 
 from __future__ import annotations
 
+import difflib
+import ipaddress
 import os
 import re
 import socket
+import ssl
 import tomllib
+import types
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -34,6 +43,8 @@ from rackguard.sensors.coolant import CoolantSensor
 
 ENV_PREFIX = "RACKGUARD_"
 _TOPIC_SAFE = re.compile(r"^[A-Za-z0-9_.-]+$")
+_HOST_LABEL = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")
+HMAC_SECRET_MIN_BYTES = 32  # RFC 2104: a key shorter than the hash's output (SHA-256: 32 bytes) weakens it
 
 
 class ConfigError(Exception):
@@ -53,7 +64,7 @@ RESTART: Reload = "restart"
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     # How SIGHUP treats each field: "live" = the running component takes the new value
     # (its ``reconfigure(cfg)``); "restart" = kept until the agent restarts, and named in
     # the ``reloaded needs_restart=[...]`` log line. Every field is declared (a test checks).
@@ -68,15 +79,66 @@ def resolve_secret_path(path: Path) -> Path:
     return path
 
 
+_SECRET_MAX_BYTES = 64 * 1024
+
+
+def _read_secret_file(path: Path, limit: int = 0) -> tuple[Path, bytes]:
+    """Resolve a secret or TLS file and read up to ``limit`` bytes; the error says where it looked."""
+    resolved = resolve_secret_path(path)
+    try:
+        with resolved.open("rb") as f:
+            return resolved, f.read(limit)
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        if path.is_absolute():
+            raise ValueError(f"cannot read {str(path)!r}: {why}") from None
+        cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
+        if cred_dir:
+            where = f"looked in $CREDENTIALS_DIRECTORY ({cred_dir})"
+        else:
+            where = (
+                f"$CREDENTIALS_DIRECTORY is unset, so it looked in the working directory ({Path.cwd()}); "
+                "under systemd, add LoadCredential= to the unit; by hand, run with "
+                "CREDENTIALS_DIRECTORY=/etc/rackguard/credentials or give an absolute path"
+            )
+        raise ValueError(f"cannot read {str(path)!r}: {why} ({where})") from None
+
+
 def _readable_secret(path: Path | None) -> Path | None:
     if path is None:
         return None
-    resolved = resolve_secret_path(path)
+    return _read_secret_file(path)[0]
+
+
+def _secret_value(raw: bytes, path: Path) -> str:
+    """A secret file's value: its first line, stripped (what :func:`read_secret` returns)."""
+    if len(raw) > _SECRET_MAX_BYTES:
+        raise ValueError(f"{str(path)!r} is over {_SECRET_MAX_BYTES // 1024} KiB: not a secret file")
     try:
-        with resolved.open("rb"):
-            pass
-    except OSError as exc:
-        raise ValueError(f"cannot read secret file {str(resolved)!r}: {exc.strerror or exc}") from None
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"{str(path)!r} is not UTF-8 text (byte {raw[exc.start]:#04x} at offset {exc.start})"
+        ) from None
+    value = text.splitlines()[0].strip() if text else ""
+    if not value:
+        raise ValueError(f"{str(path)!r} is empty (the secret is its first line)")
+    if "\x00" in value:
+        raise ValueError(f"{str(path)!r} contains a NUL character")
+    return value
+
+
+def _valid_secret(path: Path | None, min_bytes: int = 1) -> Path | None:
+    """A secret file that is readable, UTF-8 and at least ``min_bytes`` long: its resolved path."""
+    if path is None:
+        return None
+    resolved, raw = _read_secret_file(path, _SECRET_MAX_BYTES + 1)
+    n = len(_secret_value(raw, resolved).encode())
+    if n < min_bytes:
+        raise ValueError(
+            f"{str(resolved)!r} holds a {n}-byte secret; at least {min_bytes} bytes are needed "
+            "(make one with: openssl rand -hex 32)"
+        )
     return resolved
 
 
@@ -84,6 +146,72 @@ def read_secret(path: Path) -> SecretStr:
     """Read a secret file (first line, stripped)."""
     text = path.read_text(encoding="utf-8")
     return SecretStr(text.splitlines()[0].strip() if text else "")
+
+
+def _host(v: str) -> str:
+    """An IP address or a host name (RFC 1123 labels; ``_`` tolerated); not resolved here."""
+    try:
+        ipaddress.ip_address(v)
+        return v
+    except ValueError:
+        pass
+    name = v.removesuffix(".")
+    if not name or len(name) > 253 or not all(_HOST_LABEL.match(label) for label in name.split(".")):
+        raise ValueError("must be an IP address or a host name")
+    return v
+
+
+def topic_filter(v: str) -> str:
+    """An MQTT topic filter: ``+`` fills a whole level, ``#`` only as the whole last level, no NUL."""
+    if not v:
+        raise ValueError("an MQTT topic filter cannot be empty")
+    if "\x00" in v:
+        raise ValueError("an MQTT topic filter cannot contain NUL")
+    levels = v.split("/")
+    for i, level in enumerate(levels):
+        if "#" in level and (level != "#" or i != len(levels) - 1):
+            raise ValueError("'#' must be the whole last level of an MQTT topic filter (e.g. 'bms/#')")
+        if "+" in level and level != "+":
+            raise ValueError("'+' must be a whole level of an MQTT topic filter (e.g. 'bms/+/leak')")
+    return v
+
+
+def _bind_address(v: str) -> str:
+    """A local address to listen on: an IP address, or ``localhost`` (no DNS lookup at start)."""
+    if v != "localhost":
+        try:
+            ipaddress.ip_address(v)
+        except ValueError:
+            raise ValueError(
+                "must be an IP address to listen on (e.g. 127.0.0.1, 0.0.0.0, ::) or localhost"
+            ) from None
+    return v
+
+
+def _no_nul_path(v: Path) -> Path:
+    if "\x00" in str(v):
+        raise ValueError("a path cannot contain NUL")
+    return v
+
+
+Host = Annotated[str, AfterValidator(_host)]
+BindAddress = Annotated[str, AfterValidator(_bind_address)]
+FilePath = Annotated[Path, AfterValidator(_no_nul_path)]
+# MQTT strings are at most 65,535 UTF-8 bytes, with no NUL.
+NoNul = Annotated[str, Field(max_length=65_535 // 4, pattern=r"^[^\x00]*$")]
+TopicFilter = Annotated[str, Field(max_length=256), AfterValidator(topic_filter)]
+
+
+def _no_key_password() -> bytes:
+    raise ValueError("the key is encrypted; rackguard needs an unencrypted key (protect it by file mode)")
+
+
+def _tls_context() -> ssl.SSLContext:
+    return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+
+
+def _ssl_reason(exc: Exception) -> str:
+    return re.sub(r" \(_ssl\.c:\d+\)", "", str(exc))
 
 
 TopicSafe = Annotated[str, Field(min_length=1, max_length=64, pattern=_TOPIC_SAFE.pattern)]
@@ -104,10 +232,32 @@ class TlsConfig(_Section):
     cert_file: Path | None = None
     key_file: Path | None = None
 
-    @field_validator("ca_file", "cert_file", "key_file")
+    @field_validator("ca_file", "cert_file")
     @classmethod
-    def _exists(cls, v: Path | None) -> Path | None:
-        return _readable_secret(v)
+    def _certificate(cls, v: Path | None) -> Path | None:
+        """Readable and holding at least one PEM certificate (as the TLS handshake will load it)."""
+        resolved = _readable_secret(v)
+        if resolved is not None:
+            try:
+                _tls_context().load_verify_locations(cafile=resolved)
+            except (ssl.SSLError, ValueError) as exc:
+                raise ValueError(f"{str(resolved)!r} is not a PEM certificate ({_ssl_reason(exc)})") from None
+        return resolved
+
+    @field_validator("key_file")
+    @classmethod
+    def _key(cls, v: Path | None, info: ValidationInfo) -> Path | None:
+        """Readable, an unencrypted PEM private key, and the key of ``cert_file``."""
+        resolved = _readable_secret(v)
+        cert = info.data.get("cert_file")
+        if resolved is not None and cert is not None:
+            try:
+                _tls_context().load_cert_chain(cert, resolved, password=_no_key_password)
+            except ssl.SSLError as exc:
+                raise ValueError(
+                    f"{str(resolved)!r} is not the PEM private key of cert_file ({_ssl_reason(exc)})"
+                ) from None
+        return resolved
 
     @model_validator(mode="after")
     def _pair(self) -> TlsConfig:
@@ -134,12 +284,12 @@ class MqttConfig(_Section):
         )
     }
 
-    host: str = "localhost"
+    host: Host = "localhost"
     port: int = Field(default=1883, ge=1, le=65535)
     keepalive_s: int = Field(default=15, ge=2, le=3600)
-    username: str | None = None
+    username: NoNul | None = None
     password_file: Path | None = None
-    client_id: str | None = None
+    client_id: NoNul | None = None
     topic_prefix: TopicSafe = "rackguard"
     tls: TlsConfig | None = None
     reconnect_min_s: float = Field(default=0.5, gt=0, le=60)
@@ -149,7 +299,7 @@ class MqttConfig(_Section):
     @field_validator("password_file")
     @classmethod
     def _password_readable(cls, v: Path | None) -> Path | None:
-        return _readable_secret(v)
+        return _valid_secret(v)
 
     @model_validator(mode="after")
     def _checks(self) -> MqttConfig:
@@ -173,8 +323,8 @@ class SimConfig(_Section):
     }
 
     gpus: int = Field(default=8, ge=1, le=64)
-    seed: int = 0
-    offered_concurrency: float = Field(default=256.0, ge=0)
+    seed: int = Field(default=0, ge=0, le=2**63 - 1)
+    offered_concurrency: float = Field(default=256.0, ge=0, le=1e6)
     supply_temp_c: float = Field(default=32.0, ge=0, le=80)
     flow_lpm: float = Field(default=12.0, gt=0, le=1000)
     ambient_noise_c: float = Field(default=0.2, ge=0, le=5)
@@ -224,7 +374,7 @@ class OutboxConfig(_Section):
         "replay_rate_msgs_s": LIVE,
     }
 
-    path: Path | None = Field(
+    path: FilePath | None = Field(
         default=None,
         description="SQLite file; relative paths (and the default, outbox.sqlite) live in "
         "$STATE_DIRECTORY when systemd sets it. Unset and no $STATE_DIRECTORY: in memory only.",
@@ -247,7 +397,7 @@ class OutboxConfig(_Section):
 class HttpConfig(_Section):
     RELOAD: ClassVar[dict[str, Reload]] = {"host": RESTART, "port": RESTART}
 
-    host: str = "127.0.0.1"
+    host: BindAddress = "127.0.0.1"
     port: int = Field(default=9108, ge=0, le=65535, description="0 disables the HTTP server")
 
 
@@ -286,12 +436,12 @@ class ControlConfig(_Section):
     )
     slowdown_c: float | None = Field(default=None, ge=30, le=120, description="default: the GPU's slowdown")
     margin_c: float = Field(default=2.0, ge=0, le=30)
-    node_power_budget_w: float | None = Field(default=None, gt=0)
+    node_power_budget_w: float | None = Field(default=None, gt=0, le=1e6)
     min_cap: int = Field(default=1, ge=0)
     max_cap: int = Field(default=256, ge=1, le=100_000)
     safe_cap: int = Field(default=8, ge=0)
     leak_cap: int = Field(default=4, ge=0)
-    cap_rise_per_s: float = Field(default=32.0, gt=0)
+    cap_rise_per_s: float = Field(default=32.0, gt=0, le=1e6)
 
     @model_validator(mode="after")
     def _caps(self) -> ControlConfig:
@@ -319,7 +469,7 @@ class CoolantConfig(_Section):
         )
     }
 
-    subscribe: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(
+    subscribe: list[TopicFilter] = Field(
         default_factory=list,
         description="topic filters for the rack's sensors; a message on one that no sensor declares is rejected",
     )
@@ -390,7 +540,7 @@ class CommandsConfig(_Section):
     @field_validator("hmac_secret_file")
     @classmethod
     def _secret_readable(cls, v: Path | None) -> Path | None:
-        return _readable_secret(v)
+        return _valid_secret(v, HMAC_SECRET_MIN_BYTES)
 
     @model_validator(mode="after")
     def _needs_secret(self) -> CommandsConfig:
@@ -411,13 +561,16 @@ class PowerLimitsConfig(_Section):
     }
 
     enabled: bool = False
-    state_file: Path | None = Field(
+    state_file: FilePath | None = Field(
         default=None,
         description="where the original limits are saved before the first write; relative paths (and the "
         "default, power_limits.json) live in $STATE_DIRECTORY, else /var/lib/rackguard",
     )
     node_power_budget_w: float | None = Field(
-        default=None, gt=0, description="split evenly across the GPUs; default: control.node_power_budget_w"
+        default=None,
+        gt=0,
+        le=1e6,
+        description="split evenly across the GPUs; default: control.node_power_budget_w",
     )
     min_on_reasons: tuple[Literal["leak", "thermal", "gpu_lost", "stale"], ...] = Field(
         default=("leak", "thermal"),
@@ -482,10 +635,7 @@ class Config(_Section):
 def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     """``RACKGUARD_MQTT__PORT=1884`` → ``{"mqtt": {"port": "1884"}}``."""
     out: dict[str, Any] = {}
-    for name, value in environ.items():
-        if not name.startswith(ENV_PREFIX) or "__" not in name:
-            continue
-        path = name[len(ENV_PREFIX) :].lower().split("__")
+    for path, value in _env_paths(environ).values():
         node = out
         for part in path[:-1]:
             node = node.setdefault(part, {})
@@ -493,6 +643,39 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
                 break
         else:
             node[path[-1]] = value
+    return out
+
+
+def _env_paths(environ: Mapping[str, str]) -> dict[str, tuple[tuple[str, ...], str]]:
+    """Each override variable → (its key path, its value)."""
+    return {
+        name: (tuple(name[len(ENV_PREFIX) :].lower().split("__")), value)
+        for name, value in sorted(environ.items())
+        if name.startswith(ENV_PREFIX) and "__" in name
+    }
+
+
+def _env_typos(environ: Mapping[str, str]) -> list[tuple[str, str]]:
+    """``RACKGUARD_MQTT_PORT`` (a section, then one ``_``): a mistyped override, which would be ignored.
+
+    Other ``RACKGUARD_*`` variables (no section prefix) are left to whoever reads them.
+    """
+    out = []
+    for name in sorted(environ):
+        rest = name[len(ENV_PREFIX) :].lower()
+        if not name.startswith(ENV_PREFIX) or "__" in rest:
+            continue
+        for section in Config.model_fields:
+            key = rest.removeprefix(section + "_")
+            if key != rest and key:
+                fix = f"{ENV_PREFIX}{section.upper()}__{key.upper()}"
+                out.append(
+                    (
+                        name,
+                        f"not a config override (they are {ENV_PREFIX}<SECTION>__<KEY>); did you mean {fix}?",
+                    )
+                )
+                break
     return out
 
 
@@ -504,6 +687,48 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
         else:
             out[k] = v
     return out
+
+
+def _models_in(tp: Any) -> list[type[BaseModel]]:
+    """The pydantic models a field's type can hold (through Optional, Annotated, list, dict, unions)."""
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return [tp]
+    origin = typing.get_origin(tp)
+    if origin is typing.Annotated:
+        return _models_in(typing.get_args(tp)[0])
+    if origin in (typing.Union, types.UnionType, list, tuple, dict):
+        return [m for arg in typing.get_args(tp) for m in _models_in(arg)]
+    return []
+
+
+def _tags(model: type[BaseModel]) -> tuple[Any, ...]:
+    kind = model.model_fields.get("kind")
+    return typing.get_args(kind.annotation) if kind is not None else ()
+
+
+def _walk(loc: tuple[int | str, ...]) -> tuple[tuple[int | str, ...], list[str]]:
+    """An error's location without union tags, and the valid keys beside its last part."""
+    models: list[type[BaseModel]] = [Config]
+    siblings: list[type[BaseModel]] = models
+    clean: list[int | str] = []
+    for i, part in enumerate(loc):
+        if isinstance(part, int):
+            clean.append(part)
+            continue
+        after_item = i > 0 and isinstance(loc[i - 1], int)
+        tagged = [m for m in models if after_item and part in _tags(m) and part not in m.model_fields]
+        if tagged:
+            models = tagged  # a discriminated union's tag (e.g. coolant.sensors[0].leak): not a key
+            continue
+        clean.append(part)
+        siblings = models
+        models = [
+            m
+            for model in models
+            if part in model.model_fields
+            for m in _models_in(model.model_fields[part].annotation)
+        ]
+    return tuple(clean), sorted({f for m in siblings for f in m.model_fields})
 
 
 def _key_path(loc: tuple[int | str, ...]) -> str:
@@ -518,40 +743,91 @@ def _key_path(loc: tuple[int | str, ...]) -> str:
     return "".join(parts) or "(root)"
 
 
-def validate(data: Mapping[str, Any]) -> Config:
-    """Validate a plain dict; raise ConfigError naming every bad key."""
+def validate(data: Mapping[str, Any], *, env: Mapping[str, str] | None = None) -> Config:
+    """Validate a plain dict; raise ConfigError naming every bad key.
+
+    Args:
+        data: The merged config.
+        env: The environment its overrides came from; an error on an overridden key names the variable.
+    """
+    sources = _env_paths(env or {})
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
         errors = []
         for err in exc.errors():
-            loc = tuple(x for x in err["loc"] if not (isinstance(x, str) and x.startswith("function-")))
+            loc, siblings = _walk(
+                tuple(x for x in err["loc"] if not (isinstance(x, str) and x.startswith("function-")))
+            )
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 msg = "unknown key"
-            elif "input" in err and not isinstance(err["input"], dict | list) and err["type"] != "missing":
+                close = difflib.get_close_matches(str(loc[-1]), siblings, n=1, cutoff=0.6) if loc else []
+                if close:
+                    msg += f"; did you mean `{close[0]}`?"
+            elif (
+                "input" in err
+                and not isinstance(err["input"], dict | list)
+                and err["type"] != "missing"
+                and not (isinstance(err["input"], str) and err["input"] and err["input"] in msg)
+            ):
                 msg = f"{msg} (got {err['input']!r})"
+            for name, (path, value) in sources.items():
+                n = min(len(path), len(loc))
+                if tuple(map(str, loc[:n])) == path[:n]:
+                    msg += f" (from the environment: {name}={value})"
             errors.append((_key_path(loc), msg))
         raise ConfigError(errors) from None
+    except RecursionError:
+        raise ConfigError([("(root)", "nested too deeply")]) from None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    """Parse a TOML file; any failure is a ConfigError naming the file."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise ConfigError([(str(path), f"cannot read config file: {exc.strerror or exc}")]) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            [
+                (
+                    str(path),
+                    f"not a UTF-8 text file (byte {raw[exc.start]:#04x} at offset {exc.start}); TOML is UTF-8",
+                )
+            ]
+        ) from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([(str(path), f"invalid TOML: {exc}")]) from None
+    except RecursionError:
+        raise ConfigError([(str(path), "invalid TOML: arrays or tables nested too deeply")]) from None
 
 
 def load(path: Path | None = None, *, environ: Mapping[str, str] | None = None, **defaults: Any) -> Config:
     """Load and validate the config from a TOML file (or none) plus environment overrides.
+
+    This is the one check both ``check-config`` and ``run`` (and SIGHUP) use: it parses the file,
+    validates every key, and opens every secret and TLS file the agent will use.
 
     ``defaults`` are section dicts applied under the file (e.g. ``sensors={"backend": "sim"}``).
     """
     environ = os.environ if environ is None else environ
     data: dict[str, Any] = dict(defaults)
     if path is not None:
-        try:
-            with open(path, "rb") as f:
-                data = _merge(data, tomllib.load(f))
-        except OSError as exc:
-            raise ConfigError([(str(path), f"cannot read config file: {exc.strerror or exc}")]) from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError([(str(path), f"invalid TOML: {exc}")]) from None
-    data = _merge(data, env_overrides(environ))
-    return validate(data)
+        data = _merge(data, _read_toml(path))
+    typos = _env_typos(environ)
+    try:
+        cfg = validate(_merge(data, env_overrides(environ)), env=environ)
+    except ConfigError as exc:
+        raise ConfigError(exc.errors + typos) from None
+    if typos:
+        raise ConfigError(typos)
+    return cfg
 
 
 def undeclared_reload_fields() -> list[str]:

@@ -92,7 +92,7 @@ JsonPath = Annotated[str, Field(min_length=1, max_length=256, pattern=_PATH)]
 
 
 class _Decl(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     id: SensorId
     topic: Topic = Field(description="exact MQTT topic (no wildcards)")

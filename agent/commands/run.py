@@ -19,16 +19,25 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(func=main)
 
 
-def load_or_exit(path: Path | None, *, sim: bool = False) -> configmod.Config | int:
-    """Load the config; on error print every bad key to stderr and return 78."""
-    try:
-        cfg = configmod.load(path)
-    except configmod.ConfigError as exc:
-        print(exc.render(), file=sys.stderr)
-        return EX_CONFIG
+def load(path: Path | None, *, sim: bool = False) -> configmod.Config:
+    """The config ``run`` starts with and re-reads on SIGHUP (raises ConfigError).
+
+    ``check-config`` calls this same function (through :func:`load_or_exit`), so it rejects exactly
+    what ``run`` would: every key, every secret and TLS file.
+    """
+    cfg = configmod.load(path)
     if sim:
         cfg = cfg.model_copy(update={"sensors": cfg.sensors.model_copy(update={"backend": "sim"})})
     return cfg
+
+
+def load_or_exit(path: Path | None, *, sim: bool = False) -> configmod.Config | int:
+    """Load the config; on error print every bad key to stderr and return 78."""
+    try:
+        return load(path, sim=sim)
+    except configmod.ConfigError as exc:
+        print(exc.render(), file=sys.stderr)
+        return EX_CONFIG
 
 
 def main(args: argparse.Namespace) -> int:
@@ -40,10 +49,7 @@ def main(args: argparse.Namespace) -> int:
 
     def reload() -> configmod.Config:
         """SIGHUP: the same file, validated again (raises ConfigError)."""
-        new = configmod.load(args.config)
-        if args.sim:
-            new = new.model_copy(update={"sensors": new.sensors.model_copy(update={"backend": "sim"})})
-        return new
+        return load(args.config, sim=args.sim)
 
     if cfg.sensors.backend != "sim":
         return asyncio.run(Agent(cfg, reload_config=reload).run())

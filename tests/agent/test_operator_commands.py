@@ -17,7 +17,7 @@ from rackguard.agent.daemon import Agent
 from rackguard.agent.operator_commands import Actions, CommandProcessor, sign, signed_payload
 from rackguard.sim.node import SimBackend
 
-SECRET = "s3cret-for-tests"
+SECRET = "s3cret-for-tests-32-bytes-or-more"  # commands.hmac_secret_file needs >= 32 bytes
 BASE = "rackguard/t/r1/cmd-node"
 
 

@@ -22,6 +22,8 @@ from rackguard.agent import log as logmod
 from rackguard.agent.daemon import Agent
 from rackguard.agent.localbus import LocalBroker
 
+REPO = Path(__file__).resolve().parents[2]
+
 Getter = Callable[[Agent], Any]
 
 
@@ -124,7 +126,7 @@ BASE: dict[str, Any] = {
 
 def with_values(values: dict[str, Any], tmp: Path) -> dict[str, Any]:
     secret = tmp / "secret"
-    secret.write_text("s3cret\n")
+    secret.write_text("s3cret-s3cret-s3cret-s3cret-s3cret\n")  # an HMAC key needs >= 32 bytes
     data: dict[str, Any] = {k: dict(v) for k, v in BASE.items()}
     for key, value in values.items():
         section, field = key.split(".")
@@ -134,7 +136,7 @@ def with_values(values: dict[str, Any], tmp: Path) -> dict[str, Any]:
             else value
         )
         if isinstance(v, dict) and v.get("ca_file") == "SECRET":
-            v = {"ca_file": str(secret)}
+            v = {"ca_file": str(REPO / "tests" / "data" / "tls" / "ca.crt")}
         data.setdefault(section, {})[field] = v
     return data
 

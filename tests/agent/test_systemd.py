@@ -211,8 +211,7 @@ def test_split_reload_keeps_restart_keys() -> None:
 
 def test_example_config_is_valid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "mqtt-password").write_text("x\n")
-    ca = tmp_path / "ca.crt"
-    ca.write_text("not checked here\n")
+    ca = REPO / "tests" / "data" / "tls" / "ca.crt"
     text = (REPO / "systemd" / "rackguard.toml.example").read_text().replace("/etc/rackguard/ca.crt", str(ca))
     f = tmp_path / "rackguard.toml"
     f.write_text(text)
