@@ -113,6 +113,9 @@ class MemoryOutbox:
     def last_id(self) -> int:
         return self._last_id
 
+    def __contains__(self, msg_id: int) -> bool:
+        return msg_id in self._q
+
     def last_seq(self, stream: str) -> int:
         return self._seqs.get(stream, 0)
 
@@ -429,16 +432,15 @@ class ResilientOutbox:
 
     def ack(self, ids: list[int]) -> None:
         """Forget acknowledged messages; never raises (a failed delete is retried later)."""
-        if not ids:
-            return
+        in_db = [i for i in ids if i not in self.mem]
         self.mem.ack(ids)
-        if self.db is None:
+        if self.db is None or not (in_db or self._unacked_deletes):
             return
-        todo = [*self._unacked_deletes, *ids]
+        todo = [*self._unacked_deletes, *in_db]
         try:
             self.db.ack(todo)
         except sqlite3.Error as exc:
-            self._unacked_deletes.update(ids)
+            self._unacked_deletes.update(in_db)
             self._failed(f"outbox delete failed: {exc}")
         else:
             self._unacked_deletes.clear()
@@ -457,6 +459,8 @@ class ResilientOutbox:
         return len(self.mem) + (len(self.db) - len(self._unacked_deletes) if self.db is not None else 0)
 
     def close(self) -> None:
+        if len(self.mem) and self.path is not None:
+            self.log.error("outbox_closed_with_messages_in_memory", lost=len(self.mem), fault=self.fault)
         if self.db is not None:
             with contextlib.suppress(sqlite3.Error):
                 self.db.ack(list(self._unacked_deletes))
