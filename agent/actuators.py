@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import Protocol
+from typing import Protocol, get_args
 
 from rackguard.agent import log as logmod
 from rackguard.agent.config import Config
@@ -19,9 +19,10 @@ from rackguard.agent.messages import Cap, NodeId, dump
 from rackguard.agent.metrics import Metrics
 from rackguard.agent.mqtt import MqttLink, Topics
 from rackguard.agent.power_limits import PowerLimitActuator, PowerLimitError
-from rackguard.controllers.api import Decision
+from rackguard.controllers.api import Binding, Decision, Reason
 
-CAP_REASONS = ("mpc", "leak", "stale", "thermal", "gpu_lost", "manual")
+CAP_REASONS: tuple[str, ...] = get_args(Reason)
+BINDINGS: tuple[str, ...] = get_args(Binding)
 
 
 class DecisionSink(Protocol):
@@ -100,13 +101,23 @@ class CapPublisher:
     def _metrics(self, decision: Decision) -> None:
         m = self.metrics
         for i, cap in enumerate(decision.caps):
-            m.cap.labels(str(i)).set(cap)
+            m.cap.labels(*m.gpu(i)).set(cap)
         m.cap_total.set(decision.total)
+        m.cap_safe.set(self.cfg.safe_cap)
         for reason in CAP_REASONS:
             m.cap_reason.labels(reason).set(1.0 if reason == decision.reason else 0.0)
+        for binding in BINDINGS:
+            m.cap_binding.labels(binding).set(1.0 if binding == decision.binding else 0.0)
         m.mpc_paused.set(1.0 if self.control.paused else 0.0)
         ceiling = self.control.manual_ceiling
         m.manual_ceiling.set(-1.0 if ceiling is None else ceiling)
+        lim = self.control.limits
+        for kind, value in (
+            ("gpu", lim.gpu_temp_max_c),
+            ("memory", lim.mem_temp_max_c),
+            ("slowdown", lim.slowdown_c),
+        ):
+            m.gpu_temp_limit_c.labels(kind).set(value)
 
     def problems(self) -> list[str]:
         return []
@@ -168,6 +179,8 @@ class PowerLimitSink:
                 self._retry_mono = time.monotonic() + self.RETRY_S
             else:
                 self.error = None
+            if self.actuator.metrics is not None:
+                self.actuator.metrics.power_limit_failing.set(0.0 if self.error is None else 1.0)
 
     def problems(self) -> list[str]:
         return [] if self.error is None else [f"power limit write failed: {self.error}"]

@@ -106,7 +106,7 @@ class Agent:
             cfg.coolant,
             node=self.node,
             metrics=self.metrics,
-            publish=self.link.enqueue,
+            set_alarm=self.link.set_state,
             alarm_topic=self.topics.alarm,
             on_leak=self._on_leak,
         )
@@ -277,6 +277,8 @@ class Agent:
         except SensorError as exc:
             self.log.error("backend_open_failed", backend=self.backend.name, error=str(exc))
             return 1
+        for info in self.infos:
+            self.metrics.set_gpu_uuid(info.index, info.uuid)
         self.reports.host = backends.host_sensor()
         s = self.cfg.sensors
         self.poller = GpuPoller(

@@ -29,6 +29,7 @@ from rackguard.agent.sensing import GpuState
 from rackguard.agent.snapshot import NodeSnapshot
 from rackguard.agent.telemetry import Window
 from rackguard.sensors.base import GpuInfo
+from rackguard.sensors.coolant import CoolantSnapshot
 
 
 def inventory(infos: list[GpuInfo]) -> list[GpuInventory]:
@@ -90,6 +91,7 @@ class Reporter:
         self.telemetry_seq = link.outbox.last_seq("telemetry")  # continues across restarts
         self.birth_uuids: tuple[str, ...] = ()
         self._dropped_seen = link.outbox.dropped_total
+        self._energy_seen: dict[int, float] = {}
         self.log = logmod.get("reports")
 
     def reconfigure(self, cfg: Config) -> None:
@@ -149,7 +151,7 @@ class Reporter:
             energy=self._energy_window(),
         )
         self.link.enqueue(OutMsg(self.topics.telemetry, dump(msg), kind="telemetry", seq=self.telemetry_seq))
-        self.update_metrics()
+        self.update_metrics(snap.coolant)
         return msg
 
     def _energy_window(self) -> EnergyTelemetry:
@@ -182,11 +184,13 @@ class Reporter:
             gates=len(self.gates.fresh()),
         )
 
-    def update_metrics(self) -> None:
+    def update_metrics(self, coolant: CoolantSnapshot | None = None) -> None:
+        """Set the gauges from the GPUs' last samples and the tick's coolant snapshot."""
         m = self.metrics
         for g in self.gpus:
-            label = str(g.info.index)
-            m.gpu_lost.labels(label).set(1.0 if g.state == "lost" else 0.0)
+            m.set_gpu_uuid(g.info.index, g.info.uuid)
+            labels = m.gpu(g.info.index)
+            m.gpu_lost.labels(*labels).set(1.0 if g.state == "lost" else 0.0)
             s = g.sample
             if s is None or g.state != "ok":
                 continue
@@ -194,16 +198,44 @@ class Reporter:
                 (m.gpu_power_w, s.power_w),
                 (m.gpu_temp_c, s.gpu_temp_c),
                 (m.gpu_mem_temp_c, s.mem_temp_c),
-                (m.gpu_energy_j, s.energy_j),
+                (m.gpu_util, None if s.util_pct is None else s.util_pct / 100.0),
             ):
                 if value is not None:
-                    gauge.labels(label).set(value)
+                    gauge.labels(*labels).set(value)
+            if s.energy_j is not None:
+                before = self._energy_seen.get(g.info.index)
+                if before is not None:  # a counter that went backwards was reset: its value is the delta
+                    m.gpu_energy_j.labels(*labels).inc(
+                        s.energy_j - before if s.energy_j >= before else s.energy_j
+                    )
+                else:
+                    m.gpu_energy_j.labels(*labels).inc(0)
+                self._energy_seen[g.info.index] = s.energy_j
+        if coolant is not None:
+            self._coolant_metrics(coolant)
         m.telemetry_published.inc()
         self.link_metrics()
         dropped = self.link.outbox.dropped_total
         if dropped > self._dropped_seen:
             m.mqtt_dropped.inc(dropped - self._dropped_seen)
         self._dropped_seen = dropped
+
+    def _coolant_metrics(self, c: CoolantSnapshot) -> None:
+        """Fresh coolant values (a stale or unknown one is removed, not left at its last value)."""
+        m = self.metrics
+        lps = 1.0 / 60.0
+        for gauge, value in (
+            (m.coolant_supply_c, c.supply_temp_c),
+            (m.coolant_return_c, c.return_temp_c),
+            (m.coolant_flow, None if c.flow_lpm is None else c.flow_lpm * lps),
+            (m.coolant_flow_required, None if c.flow_required_lpm is None else c.flow_required_lpm * lps),
+            (m.coolant_flow_margin, c.flow_margin),
+            (m.coolant_heat_removed_w, c.heat_removed_w),
+            (m.coolant_heat_capture, c.heat_capture_ratio),
+            (m.coolant_diff_pressure, None if c.diff_pressure_kpa is None else c.diff_pressure_kpa * 1000.0),
+        ):
+            gauge.set(float("nan") if value is None else value)
+        self.coolant.update_metrics()
 
     def link_metrics(self) -> None:
         self.metrics.mqtt_connected.set(1.0 if self.link.connected else 0.0)
