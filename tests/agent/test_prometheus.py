@@ -79,7 +79,14 @@ def test_promtool_check_rules_and_dashboard_shape() -> None:
     assert out.returncode == 0, out.stdout + out.stderr
     assert "SUCCESS: 7 rules found" in out.stdout
     text = RULES.read_text()
-    for alert in ("CoolantLeak", "CoolantStale", "CapAtSafeCap", "GpuLost", "FlowMarginLow", "PowerLimitWriteFailing"):
+    for alert in (
+        "CoolantLeak",
+        "CoolantStale",
+        "CapAtSafeCap",
+        "GpuLost",
+        "FlowMarginLow",
+        "PowerLimitWriteFailing",
+    ):
         assert f"alert: Rackguard{alert}" in text
     assert "rackguard_coolant_flow_margin_ratio < 1.1" in text
     queries = dashboard_queries()
@@ -110,8 +117,8 @@ def test_alerts_fire_and_every_dashboard_query_returns_data(broker: Any, tmp_pat
     }
     cli = [sys.executable, "-m", "rackguard.agent.cli"]
     cmds = [
-        cli + ["run", "--config", "examples/sim.toml"],
-        cli + ["sim-cdu", "--config", "examples/sim.toml", "--scenario", str(scenario), "--period-s", "0.25"],
+        [*cli, "run", "--config", "examples/sim.toml"],
+        [*cli, "sim-cdu", "--config", "examples/sim.toml", "--scenario", str(scenario), "--period-s", "0.25"],
         [
             PROMETHEUS,
             f"--config.file={tmp_path / 'prometheus.yml'}",
@@ -141,7 +148,11 @@ def test_alerts_fire_and_every_dashboard_query_returns_data(broker: Any, tmp_pat
             if not up or up[0]["value"][1] != "1":
                 continue
             history.append(
-                {(a["labels"]["alertname"], a["labels"].get("sensor", "")) for a in alerts if a["state"] == "firing"}
+                {
+                    (a["labels"]["alertname"], a["labels"].get("sensor", ""))
+                    for a in alerts
+                    if a["state"] == "firing"
+                }
             )
             if any(("RackguardCoolantLeak", "leak-tray") in h for h in history):
                 break
