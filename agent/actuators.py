@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
-from typing import Protocol, get_args
+from typing import Any, Protocol, get_args
 
 from rackguard.agent import log as logmod
 from rackguard.agent.config import Config
@@ -39,6 +40,46 @@ class DecisionSink(Protocol):
         """Finish pending work and undo what must not outlive the agent."""
 
 
+class CapChangeLog:
+    """``cap_changed`` log lines: a new reason or binding at once, a ramp summarised.
+
+    While reason and binding stay the same (the cap ramping up after a fault clears,
+    say), changes are folded into one line at most every ``every_s``, carrying how many
+    changes it sums up and the total it started from.
+    """
+
+    def __init__(self, log: Any, every_s: float = 10.0) -> None:
+        self.log = log
+        self.every_s = every_s
+        self._key: tuple[str, str] | None = None  # reason and binding last logged
+        self._logged_mono = -math.inf
+        self._pending: Decision | None = None
+        self._changes = 0
+        self._from_total: int | None = None
+
+    def changed(self, d: Decision, prev_total: int | None, now_mono: float) -> None:
+        if self._pending is None:
+            self._from_total = prev_total
+        self._pending, self._changes = d, self._changes + 1
+        if (d.reason, d.binding) != self._key:
+            self._emit(now_mono)
+        else:
+            self.flush_due(now_mono)
+
+    def flush_due(self, now_mono: float) -> None:
+        """Log the summed-up changes once ``every_s`` has passed since the last line."""
+        if self._pending is not None and now_mono - self._logged_mono >= self.every_s:
+            self._emit(now_mono)
+
+    def _emit(self, now_mono: float) -> None:
+        d = self._pending
+        assert d is not None
+        extra = {"changes": self._changes, "from_total": self._from_total} if self._changes > 1 else {}
+        self.log.info("cap_changed", total=d.total, reason=d.reason, binding=d.binding, **extra)
+        self._key, self._logged_mono = (d.reason, d.binding), now_mono
+        self._pending, self._changes = None, 0
+
+
 class CapPublisher:
     """Publishes the cap on change, on ``force``, or every ``control.cap_refresh_s``."""
 
@@ -58,6 +99,7 @@ class CapPublisher:
         self.seq = 0
         self._published_mono = -1e18
         self.log = logmod.get("cap")
+        self.changes = CapChangeLog(self.log)
 
     def reconfigure(self, cfg: Config) -> None:
         self.cfg = cfg.control
@@ -71,12 +113,12 @@ class CapPublisher:
             decision.binding,
         )
         now_mono = time.monotonic()
+        if changed:
+            self.changes.changed(decision, None if prev is None else prev.total, now_mono)
+        else:
+            self.changes.flush_due(now_mono)
         if not (changed or force or now_mono - self._published_mono >= c.cap_refresh_s):
             return
-        if changed:
-            self.log.info(
-                "cap_changed", total=decision.total, reason=decision.reason, binding=decision.binding
-            )
         self.seq += 1
         now = time.time()
         self.cap_msg = Cap(

@@ -156,7 +156,7 @@ class Agent:
         return self.power.error if self.power else None
 
     def status_line(self) -> str:
-        return self.reports.status_line()
+        return self.reports.status_line(self.cap_msg)
 
     # -- events between ticks -------------------------------------------------------------
     def _on_leak(self, event: LeakEvent) -> None:

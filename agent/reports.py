@@ -13,6 +13,7 @@ from rackguard.agent.coolant_monitor import CoolantMonitor
 from rackguard.agent.energy import EnergyMeter
 from rackguard.agent.gate_reports import GateTracker
 from rackguard.agent.messages import (
+    Cap,
     EnergyTelemetry,
     GpuInventory,
     HostTelemetry,
@@ -241,11 +242,17 @@ class Reporter:
         self.metrics.mqtt_connected.set(1.0 if self.link.connected else 0.0)
         self.metrics.mqtt_queue_depth.set(len(self.link.outbox))
 
-    def status_line(self) -> str:
-        """One line for ``systemctl status`` (sd_notify STATUS=)."""
+    def status_line(self, cap: Cap | None = None) -> str:
+        """One line for ``systemctl status`` (sd_notify STATUS=): GPUs, the cap and why, MQTT."""
         ok = sum(1 for g in self.gpus if g.state == "ok")
         mqtt = "connected" if self.link.connected else "disconnected"
+        if cap is None:
+            cap_text = "no cap yet"
+        else:
+            cap_text = f"cap {cap.total} ({cap.reason}, binding {cap.binding})"
+            if cap.reason in ("stale", "gpu_lost", "thermal") and max(cap.caps, default=0) <= cap.safe_cap:
+                cap_text = f"cap {cap.total} at safe_cap ({cap.reason})"
         return (
-            f"{ok}/{len(self.gpus)} GPUs ok, MQTT {mqtt}, {len(self.link.outbox)} queued, "
+            f"{ok}/{len(self.gpus)} GPUs ok, {cap_text}, MQTT {mqtt}, {len(self.link.outbox)} queued, "
             f"seq {self.telemetry_seq}"
         )
