@@ -275,7 +275,13 @@ class Agent:
         try:
             self.infos = await asyncio.to_thread(self.backend.open)
         except SensorError as exc:
-            self.log.error("backend_open_failed", backend=self.backend.name, error=str(exc))
+            hint = None
+            if self.backend.name == "nvml":
+                hint = (
+                    "no usable NVIDIA GPU or driver here? `rackguard demo` runs a simulated node with no "
+                    'GPU or broker; `rackguard run --sim` (sensors.backend = "sim") simulates the GPUs'
+                )
+            self.log.error("backend_open_failed", backend=self.backend.name, error=str(exc), hint=hint)
             return 1
         for info in self.infos:
             self.metrics.set_gpu_uuid(info.index, info.uuid)
@@ -315,7 +321,13 @@ class Agent:
             try:
                 await self.http.start()
             except OSError as exc:
-                self.log.error("http_bind_failed", port=self.cfg.http.port, error=str(exc))
+                h = self.cfg.http
+                self.log.error(
+                    "http_bind_failed",
+                    key="http.port",
+                    error=f"cannot listen on {h.host}:{h.port}: {exc.strerror or exc}",
+                    hint="another process holds http.port: set http.port to a free port, or 0 to turn HTTP off",
+                )
                 return 1
         link_task = asyncio.create_task(self.link.run(self.stop))
         self.notifier.ready(self.status_line())

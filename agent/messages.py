@@ -268,7 +268,11 @@ def schemas() -> dict[str, Any]:
     out: dict[str, Any] = {name: model.model_json_schema(by_alias=True) for name, model in MESSAGES.items()}
     out["cmd"] = cmd_schema()
     return {
-        name: {"$schema": SCHEMA_DIALECT, "$id": schema_id(name), **{k: v for k, v in s.items() if k[0] != "$"}}
+        name: {
+            "$schema": SCHEMA_DIALECT,
+            "$id": schema_id(name),
+            **{k: v for k, v in s.items() if k[0] != "$"},
+        }
         | ({"$defs": s["$defs"]} if "$defs" in s else {})
         for name, s in out.items()
     }

@@ -14,10 +14,22 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_every_schema_has_dialect_and_id_and_cmd_is_described() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "rackguard.agent.cli", "schema"], cwd=REPO, capture_output=True, text=True, check=True
+        [sys.executable, "-m", "rackguard.agent.cli", "schema"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     schemas = json.loads(out.stdout)
-    assert set(schemas) == {"status", "telemetry", "cap", "alarm/<sensor>", "gate/<gate_id>", "cmd/ack", "cmd"}
+    assert set(schemas) == {
+        "status",
+        "telemetry",
+        "cap",
+        "alarm/<sensor>",
+        "gate/<gate_id>",
+        "cmd/ack",
+        "cmd",
+    }
     for name, s in schemas.items():
         assert s["$schema"] == "https://json-schema.org/draft/2020-12/schema", name
         assert s["$id"].startswith("urn:rackguard:schema:"), name
