@@ -21,7 +21,11 @@ def test_pump_failure_shows_in_telemetry(broker: Any, subscriber: Any, tmp_path:
     sub = subscriber(broker, f"{BASE}/telemetry")
     statuses = subscriber(broker, "rackguard/+/+/+/status")  # a consumer of every agent's status
     env = {k: v for k, v in os.environ.items() if not k.startswith("RACKGUARD_")}
-    env |= {"RACKGUARD_MQTT__PORT": str(broker.port), "RACKGUARD_MQTT__HOST": broker.host}
+    env |= {
+        "RACKGUARD_MQTT__PORT": str(broker.port),
+        "RACKGUARD_MQTT__HOST": broker.host,
+        "RACKGUARD_HTTP__PORT": "0",
+    }
     agent_cmd = [sys.executable, "-m", "rackguard.agent.cli", "run", "--config", "examples/sim.toml"]
     cdu_cmd = [sys.executable, "-m", "rackguard.agent.cli", "sim-cdu", "--config", "examples/sim.toml"]
     cdu_cmd += ["--scenario", str(scenario), "--period-s", "0.25"]
