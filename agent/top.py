@@ -20,7 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 Scope = Literal["node", "rack", "site"]
-SCOPES: tuple[Scope, ...] = ("node", "rack", "site")
+KEY_SCOPES: dict[str, Scope] = {"n": "node", "r": "rack", "s": "site"}
 MAX_PAYLOAD_BYTES = 1 << 20
 LEAK_ORDER = {"ok": 0, "warning": 1, "critical": 2}
 
@@ -138,10 +138,10 @@ class TopState:
         if ch in ("q", "\x03"):
             return False
         if ch in ("n", "r", "s"):
-            self.scope = {"n": "node", "r": "rack", "s": "site"}[ch]  # type: ignore[assignment]
+            self.scope = KEY_SCOPES[ch]
         elif ch in ("\t", "j", "k") and self.nodes:
             keys = sorted(self.nodes)
-            cur = keys.index(self.focus) if self.focus in keys else -1  # type: ignore[arg-type]
+            cur = keys.index(self.focus) if self.focus in keys else -1
             step = -1 if ch == "k" else 1
             self.focus = keys[(cur + step) % len(keys)]
         return True

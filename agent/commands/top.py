@@ -57,13 +57,14 @@ def main(args: argparse.Namespace) -> int:
 async def run(
     cfg: Config, site: str | None, rack: str | None, node: str | None, scope: str, refresh_s: float
 ) -> int:
-    from rich.console import Console
+    from rich.console import Console, Group
     from rich.live import Live
+    from rich.text import Text
 
     from rackguard.agent.mqtt import aiomqtt_factory
-    from rackguard.agent.top import TopState
+    from rackguard.agent.top import KEY_SCOPES, TopState
 
-    state = TopState(cfg.mqtt.topic_prefix, site=site, rack=rack, node=node, scope=scope)  # type: ignore[arg-type]
+    state = TopState(cfg.mqtt.topic_prefix, site=site, rack=rack, node=node, scope=KEY_SCOPES[scope[0]])
     quit_ = asyncio.Event()
     loop = asyncio.get_running_loop()
     fd = sys.stdin.fileno() if sys.stdin.isatty() else None
@@ -101,9 +102,6 @@ async def run(
     try:
         with Live(state.render(), console=console, auto_refresh=False, screen=False) as live:
             while not quit_.is_set():
-                from rich.console import Group
-                from rich.text import Text
-
                 view = state.render()
                 live.update(Group(view, Text(status, style="yellow")) if status else view, refresh=True)
                 with contextlib.suppress(TimeoutError):
