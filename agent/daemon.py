@@ -275,12 +275,7 @@ class Agent:
         try:
             self.infos = await asyncio.to_thread(self.backend.open)
         except SensorError as exc:
-            hint = None
-            if self.backend.name == "nvml":
-                hint = (
-                    "no usable NVIDIA GPU or driver here? `rackguard demo` runs a simulated node with no "
-                    'GPU or broker; `rackguard run --sim` (sensors.backend = "sim") simulates the GPUs'
-                )
+            hint = backends.OPEN_HINTS.get(self.backend.name)
             self.log.error("backend_open_failed", backend=self.backend.name, error=str(exc), hint=hint)
             return 1
         for info in self.infos:
