@@ -89,6 +89,9 @@ def test_promtool_check_rules_and_dashboard_shape() -> None:
     ):
         assert f"alert: Rackguard{alert}" in text
     assert "rackguard_coolant_flow_margin_ratio < 1.1" in text
+    example = RULES.parent / "prometheus.example.yml"
+    out = subprocess.run([PROMTOOL, "check", "config", str(example)], capture_output=True, text=True)
+    assert out.returncode == 0 and "SUCCESS: 7 rules found" in out.stdout, out.stdout + out.stderr
     queries = dashboard_queries()
     assert len(queries) >= 20 and all("rackguard_" in q for q in queries)
 
@@ -203,3 +206,23 @@ def test_alerts_fire_and_every_dashboard_query_returns_data(broker: Any, tmp_pat
             log.close()
         print(*((tmp_path / f"proc{i}.log").read_text()[-3000:] for i in range(len(cmds))), sep="\n----\n")
     assert [procs[0].returncode, procs[2].returncode] == [0, 0]  # the agent and sim-cdu
+
+
+def test_gpu_identified_late_moves_its_series_to_the_uuid() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from rackguard.agent.metrics import Metrics
+
+    m = Metrics()
+    m.set_gpu_uuid(0, "")  # not identified at start
+    m.gpu_power_w.labels(*m.gpu(0)).set(100.0)
+    m.gpu_energy_j.labels(*m.gpu(0)).inc(5.0)
+    m.set_gpu_uuid(0, "GPU-abc")
+    m.gpu_power_w.labels(*m.gpu(0)).set(200.0)
+
+    def samples(name: str) -> list[tuple[dict[str, str], float]]:
+        fams = {f.name: f for f in text_string_to_metric_families(m.render().decode())}
+        return [(s.labels, s.value) for s in fams[name].samples if not s.name.endswith("_created")]
+
+    assert samples("rackguard_gpu_power_watts") == [({"gpu": "0", "uuid": "GPU-abc"}, 200.0)]
+    assert samples("rackguard_gpu_energy_joules") == []  # the old series is gone, not left stale
