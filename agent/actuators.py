@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
-from typing import Protocol
+from typing import Any, Protocol, get_args
 
 from rackguard.agent import log as logmod
 from rackguard.agent.config import Config
@@ -20,9 +21,10 @@ from rackguard.agent.metrics import Metrics
 from rackguard.agent.mqtt import MqttLink, Topics
 from rackguard.agent.power_limits import PowerLimitActuator, PowerLimitError
 from rackguard.agent.seqstore import SeqStore
-from rackguard.controllers.api import Decision
+from rackguard.controllers.api import Binding, Decision, Reason
 
-CAP_REASONS = ("mpc", "leak", "stale", "thermal", "gpu_lost", "manual")
+CAP_REASONS: tuple[str, ...] = get_args(Reason)
+BINDINGS: tuple[str, ...] = get_args(Binding)
 
 
 class DecisionSink(Protocol):
@@ -37,6 +39,46 @@ class DecisionSink(Protocol):
 
     async def close(self) -> None:
         """Finish pending work and undo what must not outlive the agent."""
+
+
+class CapChangeLog:
+    """``cap_changed`` log lines: a new reason or binding at once, a ramp summarised.
+
+    While reason and binding stay the same (the cap ramping up after a fault clears,
+    say), changes are folded into one line at most every ``every_s``, carrying how many
+    changes it sums up and the total it started from.
+    """
+
+    def __init__(self, log: Any, every_s: float = 10.0) -> None:
+        self.log = log
+        self.every_s = every_s
+        self._key: tuple[str, str] | None = None  # reason and binding last logged
+        self._logged_mono = -math.inf
+        self._pending: Decision | None = None
+        self._changes = 0
+        self._from_total: int | None = None
+
+    def changed(self, d: Decision, prev_total: int | None, now_mono: float) -> None:
+        if self._pending is None:
+            self._from_total = prev_total
+        self._pending, self._changes = d, self._changes + 1
+        if (d.reason, d.binding) != self._key:
+            self._emit(now_mono)
+        else:
+            self.flush_due(now_mono)
+
+    def flush_due(self, now_mono: float) -> None:
+        """Log the summed-up changes once ``every_s`` has passed since the last line."""
+        if self._pending is not None and now_mono - self._logged_mono >= self.every_s:
+            self._emit(now_mono)
+
+    def _emit(self, now_mono: float) -> None:
+        d = self._pending
+        assert d is not None
+        extra = {"changes": self._changes, "from_total": self._from_total} if self._changes > 1 else {}
+        self.log.info("cap_changed", total=d.total, reason=d.reason, binding=d.binding, **extra)
+        self._key, self._logged_mono = (d.reason, d.binding), now_mono
+        self._pending, self._changes = None, 0
 
 
 class CapPublisher:
@@ -60,6 +102,7 @@ class CapPublisher:
         self.seq = seqs.last("cap")
         self._published_mono = -1e18
         self.log = logmod.get("cap")
+        self.changes = CapChangeLog(self.log)
 
     def reconfigure(self, cfg: Config) -> None:
         self.cfg = cfg.control
@@ -73,12 +116,12 @@ class CapPublisher:
             decision.binding,
         )
         now_mono = time.monotonic()
+        if changed:
+            self.changes.changed(decision, None if prev is None else prev.total, now_mono)
+        else:
+            self.changes.flush_due(now_mono)
         if not (changed or force or now_mono - self._published_mono >= c.cap_refresh_s):
             return
-        if changed:
-            self.log.info(
-                "cap_changed", total=decision.total, reason=decision.reason, binding=decision.binding
-            )
         self.seq = self.seqs.next("cap")
         now = time.time()
         self.cap_msg = Cap(
@@ -103,13 +146,23 @@ class CapPublisher:
     def _metrics(self, decision: Decision) -> None:
         m = self.metrics
         for i, cap in enumerate(decision.caps):
-            m.cap.labels(str(i)).set(cap)
+            m.cap.labels(*m.gpu(i)).set(cap)
         m.cap_total.set(decision.total)
+        m.cap_safe.set(self.cfg.safe_cap)
         for reason in CAP_REASONS:
             m.cap_reason.labels(reason).set(1.0 if reason == decision.reason else 0.0)
+        for binding in BINDINGS:
+            m.cap_binding.labels(binding).set(1.0 if binding == decision.binding else 0.0)
         m.mpc_paused.set(1.0 if self.control.paused else 0.0)
         ceiling = self.control.manual_ceiling
         m.manual_ceiling.set(-1.0 if ceiling is None else ceiling)
+        lim = self.control.limits
+        for kind, value in (
+            ("gpu", lim.gpu_temp_max_c),
+            ("memory", lim.mem_temp_max_c),
+            ("slowdown", lim.slowdown_c),
+        ):
+            m.gpu_temp_limit_c.labels(kind).set(value)
 
     def problems(self) -> list[str]:
         return []
@@ -171,6 +224,8 @@ class PowerLimitSink:
                 self._retry_mono = time.monotonic() + self.RETRY_S
             else:
                 self.error = None
+            if self.actuator.metrics is not None:
+                self.actuator.metrics.power_limit_failing.set(0.0 if self.error is None else 1.0)
 
     def problems(self) -> list[str]:
         return [] if self.error is None else [f"power limit write failed: {self.error}"]

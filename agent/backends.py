@@ -35,6 +35,13 @@ def _sim(cfg: Config) -> GpuBackend:
 FACTORIES: dict[str, Callable[[Config], GpuBackend]] = {"nvml": _nvml, "sim": _sim}
 
 
+# What to try when a backend cannot open (the daemon logs it beside the error).
+OPEN_HINTS: dict[str, str] = {
+    "nvml": "no usable NVIDIA GPU or driver here? `rackguard demo` runs a simulated node with no GPU or "
+    'broker; `rackguard run --sim` (sensors.backend = "sim") simulates the GPUs',
+}
+
+
 def make_backend(cfg: Config) -> GpuBackend:
     """The GPU backend named by ``sensors.backend``."""
     return FACTORIES[cfg.sensors.backend](cfg)

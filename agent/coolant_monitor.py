@@ -5,7 +5,9 @@ message on a declared sensor topic or on a ``coolant.subscribe`` filter goes
 through :meth:`CoolantMonitor.handle`, which parses it, counts a rejection in
 ``rackguard_sensor_rejected_total{sensor,reason}`` (rate-limit logged), or
 stores the valid reading. A leak is handed to ``on_leak`` inside the same call,
-then published as a retained alarm.
+then its detector's alarm state is set on ``alarm/<sensor>``: retained, latest
+value wins, and re-published on every (re)connect, so a subscriber that arrives
+after a broker restart without persistence still sees a latched leak.
 
 Leak latch: a ``Warning``/``Critical`` reading latches the detector. With
 ``leak_clear = "ack"`` the latch clears only when the detector reads OK (fresh)
@@ -24,9 +26,8 @@ from rackguard.agent import inbox
 from rackguard.agent import log as logmod
 from rackguard.agent.config import CoolantConfig
 from rackguard.agent.messages import Alarm, CoolantSensorTelemetry, CoolantTelemetry, NodeId, dump
-from rackguard.agent.metrics import Metrics
+from rackguard.agent.metrics import LEAK_STATES, Metrics
 from rackguard.agent.mqtt import topic_matches
-from rackguard.agent.outbox import OutMsg
 from rackguard.physics import flow_required_lpm
 from rackguard.sensors.coolant import (
     LEAK_SEVERITY,
@@ -98,8 +99,9 @@ class CoolantMonitor:
         cfg: The ``[coolant]`` config section.
         node: This node (for alarm messages).
         metrics: The agent's metrics (rejections are counted there).
-        publish: Queues an outgoing message (``MqttLink.enqueue``); alarms go here.
-        alarm_topic: Where leak alarms are published (retained, QoS 1).
+        set_alarm: Sets a retained state message (``MqttLink.set_state``: topic, payload);
+            each detector's alarm goes to ``<alarm_topic>/<sensor>``.
+        alarm_topic: The prefix of the per-sensor alarm topics.
         on_leak: The safety hook, called synchronously on every leak state change.
         clock: Wall-clock seconds (tests pass their own).
         monotonic: Monotonic seconds (tests pass their own).
@@ -111,7 +113,7 @@ class CoolantMonitor:
         *,
         node: NodeId,
         metrics: Metrics,
-        publish: Callable[[OutMsg], None] | None = None,
+        set_alarm: Callable[[str, bytes], None] | None = None,
         alarm_topic: str | None = None,
         on_leak: Callable[[LeakEvent], None] | None = None,
         clock: Callable[[], float] = time.time,
@@ -120,7 +122,7 @@ class CoolantMonitor:
         self.cfg = cfg
         self.node = node
         self.metrics = metrics
-        self.publish = publish
+        self.set_alarm = set_alarm
         self.alarm_topic = alarm_topic
         self.on_leak = on_leak
         self.clock = clock
@@ -250,9 +252,10 @@ class CoolantMonitor:
                 self.on_leak(ev)  # the safety hook first: nothing may delay it
             except Exception:
                 self.log.exception("on_leak_failed", sensor=ev.sensor_id)
+        self.update_metrics()
         level = self.log.info if ev.latched == "ok" else self.log.error
         level("leak_state", sensor=ev.sensor_id, state=ev.state, latched=ev.latched)
-        if self.publish is not None and self.alarm_topic is not None:
+        if self.set_alarm is not None and self.alarm_topic is not None:
             alarm = Alarm(
                 t_s=ev.t_s,
                 node=self.node,
@@ -262,7 +265,7 @@ class CoolantMonitor:
                 latched=ev.latched,
                 ack_required=ev.latched != "ok" and self.cfg.leak_clear == "ack",
             )
-            self.publish(OutMsg(self.alarm_topic, dump(alarm), kind="alarm", retain=True))
+            self.set_alarm(f"{self.alarm_topic}/{ev.sensor_id}", dump(alarm))
 
     # -- staleness and snapshots -----------------------------------------------------------
     def check(self) -> list[str]:
@@ -274,6 +277,20 @@ class CoolantMonitor:
                 s.stale_logged = True
                 self.log.warning("coolant_sensor_stale", sensor=s.decl.id, age_s=s.age_s(now_mono))
         return [s.decl.id for s in stale]
+
+    def update_metrics(self) -> None:
+        """Each sensor's staleness and age, and each leak detector's reading and latch."""
+        m = self.metrics
+        now_mono = self.monotonic()
+        for s in self.sensors.values():
+            sid = s.decl.id
+            m.coolant_sensor_stale.labels(sid).set(1.0 if s.stale(now_mono) else 0.0)
+            age = s.age_s(now_mono)
+            m.coolant_sensor_age_s.labels(sid).set(float("nan") if age is None else age)
+            if isinstance(s.decl, LeakSensor):
+                for state in LEAK_STATES:
+                    m.leak_state.labels(sid, state).set(1.0 if (s.leak or "ok") == state else 0.0)
+                m.leak_latched.labels(sid).set(0.0 if s.latched == "ok" else 1.0)
 
     def snapshot(self, gpu_power_w: float | None = None) -> CoolantSnapshot:
         """The loop as plain data: fresh values only, staleness, the worst leak state.

@@ -116,7 +116,7 @@ class Agent:
             cfg.coolant,
             node=self.node,
             metrics=self.metrics,
-            publish=self.link.enqueue,
+            set_alarm=self.link.set_state,
             alarm_topic=self.topics.alarm,
             on_leak=self._on_leak,
         )
@@ -167,7 +167,7 @@ class Agent:
         return self.power.error if self.power else None
 
     def status_line(self) -> str:
-        return self.reports.status_line()
+        return self.reports.status_line(self.cap_msg)
 
     # -- events between ticks -------------------------------------------------------------
     def _on_leak(self, event: LeakEvent) -> None:
@@ -286,8 +286,11 @@ class Agent:
         try:
             self.infos = await asyncio.to_thread(self.backend.open)
         except SensorError as exc:
-            self.log.error("backend_open_failed", backend=self.backend.name, error=str(exc))
+            hint = backends.OPEN_HINTS.get(self.backend.name)
+            self.log.error("backend_open_failed", backend=self.backend.name, error=str(exc), hint=hint)
             return 1
+        for info in self.infos:
+            self.metrics.set_gpu_uuid(info.index, info.uuid)
         self.reports.host = backends.host_sensor()
         s = self.cfg.sensors
         self.poller = GpuPoller(
@@ -325,7 +328,13 @@ class Agent:
             try:
                 await self.http.start()
             except OSError as exc:
-                self.log.error("http_bind_failed", port=self.cfg.http.port, error=str(exc))
+                h = self.cfg.http
+                self.log.error(
+                    "http_bind_failed",
+                    key="http.port",
+                    error=f"cannot listen on {h.host}:{h.port}: {exc.strerror or exc}",
+                    hint="another process holds http.port: set http.port to a free port, or 0 to turn HTTP off",
+                )
                 return 1
         link_task = asyncio.create_task(self.link.run(self.stop))
         self.notifier.ready(self.status_line())

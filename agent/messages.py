@@ -185,7 +185,7 @@ class Cap(_Msg):
 
 
 class Alarm(_Msg):
-    """Retained on ``.../alarm`` (QoS 1, never dropped from the outbox)."""
+    """Retained on ``.../alarm/<sensor>`` (QoS 1): the detector's state, re-published on every connect."""
 
     schema_: Literal["rackguard.alarm/1"] = Field("rackguard.alarm/1", alias="schema")
     t_s: float
@@ -244,12 +244,35 @@ MESSAGES: dict[str, type[BaseModel]] = {
     "status": Status,
     "telemetry": Telemetry,
     "cap": Cap,
-    "alarm": Alarm,
+    "alarm/<sensor>": Alarm,
     "gate/<gate_id>": GateReport,
     "cmd/ack": CommandAck,
 }
 
 
+SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
+
+
+def schema_id(name: str) -> str:
+    """The ``$id`` of a topic's schema, e.g. ``urn:rackguard:schema:cmd/ack``."""
+    return "urn:rackguard:schema:" + name.replace("<", "").replace(">", "")
+
+
 def schemas() -> dict[str, Any]:
-    """JSON Schema of every published message, keyed by topic suffix."""
-    return {name: model.model_json_schema(by_alias=True) for name, model in MESSAGES.items()}
+    """JSON Schema of every message on a node's topics (published, and ``cmd`` taken in), by topic suffix.
+
+    Each carries ``$schema`` (draft 2020-12, what pydantic generates) and an ``$id``.
+    """
+    from rackguard.agent.operator_commands import cmd_schema  # operator_commands needs the config
+
+    out: dict[str, Any] = {name: model.model_json_schema(by_alias=True) for name, model in MESSAGES.items()}
+    out["cmd"] = cmd_schema()
+    return {
+        name: {
+            "$schema": SCHEMA_DIALECT,
+            "$id": schema_id(name),
+            **{k: v for k, v in s.items() if k[0] != "$"},
+        }
+        | ({"$defs": s["$defs"]} if "$defs" in s else {})
+        for name, s in out.items()
+    }

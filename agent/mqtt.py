@@ -3,9 +3,9 @@ drains the outbox with QoS 1, and dispatches subscribed messages.
 
 Two kinds of outgoing message:
 
-* **state** (``set_state``): retained, latest value wins (status/birth, cap).
+* **state** (``set_state``): retained, latest value wins (status/birth, cap, alarm/<sensor>).
   Re-sent on every connect; never queued as history.
-* **history** (``enqueue``): telemetry and alarms, kept in the outbox until the
+* **history** (``enqueue``): telemetry and command acks, kept in the outbox until the
   broker acknowledges them (PUBACK), then removed.
 
 After a (re)connect, outbox messages created before that connection are
@@ -93,6 +93,7 @@ class Topics:
 
     @property
     def alarm(self) -> str:
+        """The prefix of the per-sensor alarm topics (``alarm/<sensor>``)."""
         return f"{self.base}/alarm"
 
     @property
@@ -358,7 +359,7 @@ class MqttLink:
         self._state_wake.set()
 
     def enqueue(self, msg: OutMsg) -> None:
-        """Queue a history message (telemetry, alarm) until the broker acknowledges it."""
+        """Queue a history message (telemetry, command ack) until the broker acknowledges it."""
         self.outbox.put(msg)
         self._wake.set()
 

@@ -115,6 +115,17 @@ class _Signed(BaseModel):
     sig: str = Field(pattern=r"^[0-9a-fA-F]{64}$")
 
 
+def cmd_schema() -> dict[str, Any]:
+    """JSON Schema of a message on ``.../cmd``: a command, or a signed envelope holding one."""
+    schema = TypeAdapter(Command | _Signed).json_schema()
+    schema["description"] = (
+        "An operator command, discriminated on 'command', or {'signed': <the command JSON as a string>, "
+        "'sig': <hex HMAC-SHA256 of those bytes>}. 'id' is unique (the replay nonce); 't_s' is the "
+        "sender's wall clock and must be within commands.max_skew_s."
+    )
+    return schema
+
+
 def sign(body: bytes, secret: str) -> str:
     """Hex HMAC-SHA256 of ``body`` under ``secret`` (what ``openssl dgst -sha256 -hmac`` prints)."""
     return hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()

@@ -13,6 +13,7 @@ from rackguard.agent.coolant_monitor import CoolantMonitor
 from rackguard.agent.energy import EnergyMeter
 from rackguard.agent.gate_reports import GateTracker
 from rackguard.agent.messages import (
+    Cap,
     EnergyTelemetry,
     GpuInventory,
     HostTelemetry,
@@ -30,6 +31,7 @@ from rackguard.agent.seqstore import SeqStore
 from rackguard.agent.snapshot import NodeSnapshot
 from rackguard.agent.telemetry import Window
 from rackguard.sensors.base import GpuInfo
+from rackguard.sensors.coolant import CoolantSnapshot
 
 
 def inventory(infos: list[GpuInfo]) -> list[GpuInventory]:
@@ -95,6 +97,7 @@ class Reporter:
         self.telemetry_seq = link.outbox.last_seq("telemetry") or seqs.last("telemetry")
         self.birth_uuids: tuple[str, ...] = ()
         self._dropped_seen = link.outbox.dropped_total
+        self._energy_seen: dict[int, float] = {}
         self.log = logmod.get("reports")
 
     def reconfigure(self, cfg: Config) -> None:
@@ -155,7 +158,7 @@ class Reporter:
             energy=self._energy_window(),
         )
         self.link.enqueue(OutMsg(self.topics.telemetry, dump(msg), kind="telemetry", seq=self.telemetry_seq))
-        self.update_metrics()
+        self.update_metrics(snap.coolant)
         return msg
 
     def _energy_window(self) -> EnergyTelemetry:
@@ -188,11 +191,13 @@ class Reporter:
             gates=len(self.gates.fresh()),
         )
 
-    def update_metrics(self) -> None:
+    def update_metrics(self, coolant: CoolantSnapshot | None = None) -> None:
+        """Set the gauges from the GPUs' last samples and the tick's coolant snapshot."""
         m = self.metrics
         for g in self.gpus:
-            label = str(g.info.index)
-            m.gpu_lost.labels(label).set(1.0 if g.state == "lost" else 0.0)
+            m.set_gpu_uuid(g.info.index, g.info.uuid)
+            labels = m.gpu(g.info.index)
+            m.gpu_lost.labels(*labels).set(1.0 if g.state == "lost" else 0.0)
             s = g.sample
             if s is None or g.state != "ok":
                 continue
@@ -200,16 +205,44 @@ class Reporter:
                 (m.gpu_power_w, s.power_w),
                 (m.gpu_temp_c, s.gpu_temp_c),
                 (m.gpu_mem_temp_c, s.mem_temp_c),
-                (m.gpu_energy_j, s.energy_j),
+                (m.gpu_util, None if s.util_pct is None else s.util_pct / 100.0),
             ):
                 if value is not None:
-                    gauge.labels(label).set(value)
+                    gauge.labels(*labels).set(value)
+            if s.energy_j is not None:
+                before = self._energy_seen.get(g.info.index)
+                if before is not None:  # a counter that went backwards was reset: its value is the delta
+                    m.gpu_energy_j.labels(*labels).inc(
+                        s.energy_j - before if s.energy_j >= before else s.energy_j
+                    )
+                else:
+                    m.gpu_energy_j.labels(*labels).inc(0)
+                self._energy_seen[g.info.index] = s.energy_j
+        if coolant is not None:
+            self._coolant_metrics(coolant)
         m.telemetry_published.inc()
         self.link_metrics()
         dropped = self.link.outbox.dropped_total
         if dropped > self._dropped_seen:
             m.mqtt_dropped.inc(dropped - self._dropped_seen)
         self._dropped_seen = dropped
+
+    def _coolant_metrics(self, c: CoolantSnapshot) -> None:
+        """Fresh coolant values (a stale or unknown one is removed, not left at its last value)."""
+        m = self.metrics
+        lps = 1.0 / 60.0
+        for gauge, value in (
+            (m.coolant_supply_c, c.supply_temp_c),
+            (m.coolant_return_c, c.return_temp_c),
+            (m.coolant_flow, None if c.flow_lpm is None else c.flow_lpm * lps),
+            (m.coolant_flow_required, None if c.flow_required_lpm is None else c.flow_required_lpm * lps),
+            (m.coolant_flow_margin, c.flow_margin),
+            (m.coolant_heat_removed_w, c.heat_removed_w),
+            (m.coolant_heat_capture, c.heat_capture_ratio),
+            (m.coolant_diff_pressure, None if c.diff_pressure_kpa is None else c.diff_pressure_kpa * 1000.0),
+        ):
+            gauge.set(float("nan") if value is None else value)
+        self.coolant.update_metrics()
 
     def link_metrics(self) -> None:
         m, link = self.metrics, self.link
@@ -223,11 +256,17 @@ class Reporter:
         m.outbox_durable.set(1.0 if box.durable else 0.0)
         m.advance(m.outbox_faults, box.faults_total)
 
-    def status_line(self) -> str:
-        """One line for ``systemctl status`` (sd_notify STATUS=)."""
+    def status_line(self, cap: Cap | None = None) -> str:
+        """One line for ``systemctl status`` (sd_notify STATUS=): GPUs, the cap and why, MQTT."""
         ok = sum(1 for g in self.gpus if g.state == "ok")
         mqtt = "connected" if self.link.connected else "disconnected"
+        if cap is None:
+            cap_text = "no cap yet"
+        else:
+            cap_text = f"cap {cap.total} ({cap.reason}, binding {cap.binding})"
+            if cap.reason in ("stale", "gpu_lost", "thermal") and max(cap.caps, default=0) <= cap.safe_cap:
+                cap_text = f"cap {cap.total} at safe_cap ({cap.reason})"
         return (
-            f"{ok}/{len(self.gpus)} GPUs ok, MQTT {mqtt}, {len(self.link.outbox)} queued, "
+            f"{ok}/{len(self.gpus)} GPUs ok, {cap_text}, MQTT {mqtt}, {len(self.link.outbox)} queued, "
             f"seq {self.telemetry_seq}"
         )

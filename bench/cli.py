@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -137,8 +138,12 @@ def cmd_controllers(args: argparse.Namespace) -> int:
         scenarios.append(scn)
 
     results = []
-    for scn in scenarios:
+    for i, scn in enumerate(scenarios, 1):
+        # Progress on stderr (stdout stays the table or the JSON): each scenario takes seconds.
+        print(f"[{i}/{len(scenarios)}] {scn.name} ...", end="", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
         r = bench_scenario(scn)
+        print(f" {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
         if plt is not None:
             _plot(plt, args.plot, scn.name, r)
         results.append(r)

@@ -75,6 +75,8 @@ class Console:
 
     def line(self, topic: str, body: dict[str, Any]) -> str | None:
         kind = topic.rsplit("/", 1)[-1]
+        if "/alarm/" in topic:  # rackguard/<site>/<rack>/<node>/alarm/<sensor>
+            return f"ALARM: {json.dumps(body)[:200]}"
         if kind == "cap":
             self.cap = body
             return None
@@ -82,8 +84,6 @@ class Console:
             if body.get("state") != "online":
                 return f"status: {body.get('state')} ({body.get('reason') or 'no reason given'})"
             return f"status: {body.get('state')} ({len(body.get('gpus', []))} GPUs, backend {body.get('backend')})"
-        if kind == "alarm":
-            return f"ALARM: {json.dumps(body)[:200]}"
         if kind != "telemetry":
             return None
         gpus = body["gpus"]
@@ -111,7 +111,7 @@ async def _consume(client: Any, raw: bool) -> None:
             body = json.loads(m.payload)
         except ValueError:
             continue
-        if not m.topic.startswith("rackguard/") or m.topic.endswith("/sim-cdu/status"):
+        if not m.topic.startswith("rackguard/"):
             continue
         line = json.dumps({"topic": m.topic, "payload": body}) if raw else console.line(m.topic, body)
         if line:

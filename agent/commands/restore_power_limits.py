@@ -36,7 +36,18 @@ def main(args: argparse.Namespace) -> int:
         print(f"nothing to restore: {path} does not exist")
         return 0
     logmod.configure("info", "auto")
-    from rackguard.agent.power_limits import restore
+    from rackguard.agent.power_limits import load_state, restore
+
+    try:  # the file first: a corrupt one is the problem to report, whatever NVML says
+        load_state(path)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(
+            f"{path} is corrupt, so no power limit was restored ({type(exc).__name__}: {exc}). "
+            "Each GPU keeps its current limit; reset one with `nvidia-smi -i <index> -pl <watts>` "
+            "(its default is power_limit_default_w in the node's status message), then delete the file.",
+            file=sys.stderr,
+        )
+        return 1
     from rackguard.sensors.base import SensorError
     from rackguard.sensors.nvml import NvmlBackend
 
@@ -44,11 +55,11 @@ def main(args: argparse.Namespace) -> int:
     try:
         infos = backend.open()
     except SensorError as exc:
-        print(f"cannot open NVML: {exc}", file=sys.stderr)
+        print(f"cannot open NVML to restore the limits saved in {path}: {exc}", file=sys.stderr)
         return 1
     try:
         errors = restore(path, backend, infos)
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         print(f"cannot read {path}: {exc}", file=sys.stderr)
         return 1
     finally:

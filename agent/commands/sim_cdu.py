@@ -103,11 +103,13 @@ async def run(
                 loop.add_signal_handler(sig, stop.set)
     duration_s = duration_s if duration_s is not None else scenario.duration_s
     telemetry_topic = Topics.for_node(cfg.node, cfg.mqtt.topic_prefix).telemetry
-    prefix = f"{cfg.mqtt.topic_prefix}/{cfg.node.site}/{cfg.node.rack}/sim-cdu"
+    # Its own availability topic, outside the agents' tree: a consumer of
+    # ``rackguard/+/+/+/status`` sees only agents' status messages.
+    status_topic = f"sim-cdu/{cfg.node.site}/{cfg.node.rack}/status"
     factory = factory or aiomqtt_factory(
         cfg.mqtt, f"rackguard-sim-cdu-{cfg.node.site}-{cfg.node.rack}-{cfg.node.name}"
     )
-    will = aiomqtt.Will(f"{prefix}/status", b"offline", qos=1, retain=True)
+    will = aiomqtt.Will(status_topic, b'{"state":"offline"}', qos=1, retain=True)
     log.info("sim_cdu_started", sensors=[s.id for s in cfg.coolant.sensors], events=len(scenario.events))
 
     async def listen(client: ClientLike) -> None:
@@ -128,7 +130,7 @@ async def run(
                 await client.subscribe(telemetry_topic, qos=0)
                 listener = asyncio.create_task(listen(client))
                 try:
-                    await client.publish(f"{prefix}/status", b"online", qos=1, retain=True, timeout=5)
+                    await client.publish(status_topic, b'{"state":"online"}', qos=1, retain=True, timeout=5)
                     while not stop.is_set():
                         now = time.monotonic()
                         if duration_s is not None and now - start >= duration_s:
@@ -141,7 +143,7 @@ async def run(
                             await client.publish(topic, payload, qos=1, retain=False, timeout=5)
                         with contextlib.suppress(TimeoutError):
                             await asyncio.wait_for(stop.wait(), period_s)
-                    await client.publish(f"{prefix}/status", b"offline", qos=1, retain=True, timeout=5)
+                    await client.publish(status_topic, b'{"state":"offline"}', qos=1, retain=True, timeout=5)
                 finally:
                     listener.cancel()
                     with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):

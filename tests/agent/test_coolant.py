@@ -16,7 +16,6 @@ from rackguard.agent.coolant_monitor import CoolantMonitor, LeakEvent
 from rackguard.agent.daemon import Agent
 from rackguard.agent.messages import NodeId, Telemetry
 from rackguard.agent.metrics import Metrics
-from rackguard.agent.outbox import OutMsg
 
 BASE = "rackguard/demo/r1/n1"
 CDU_TOPIC = "bms/demo/r1/cdu"
@@ -223,9 +222,9 @@ async def test_leak_reaches_safety_hook_alarm_is_retained_and_ack_needs_ok(
         assert r.agent.leak_events[-1] == ev
         assert r.agent.coolant.snapshot().leak == "critical"
 
-        live = subscriber(broker, f"{BASE}/alarm")
+        live = subscriber(broker, f"{BASE}/alarm/+")
         await asyncio.to_thread(live.wait_for, lambda m: m.json()["latched"] == "critical", 5)
-        late = subscriber(broker, f"{BASE}/alarm")  # arrives after the fact: sees it retained
+        late = subscriber(broker, f"{BASE}/alarm/+")  # arrives after the fact: sees it retained
         alarm = (await asyncio.to_thread(late.wait_for, lambda m: m.retain, 5))[0].json()
         assert alarm["alarm"] == "coolant_leak" and alarm["sensor"] == "leak-tray"
         assert (alarm["state"], alarm["latched"], alarm["ack_required"]) == ("critical", "critical", True)
@@ -245,6 +244,33 @@ async def test_leak_reaches_safety_hook_alarm_is_retained_and_ack_needs_ok(
         await stop_agent(r, task)
 
 
+async def test_latched_alarm_is_republished_after_broker_restart_without_persistence(
+    broker: Any, subscriber: Any
+) -> None:
+    """A broker that restarts without persistence forgets retained messages; the agent re-sends its alarms."""
+    r, task = await start_agent(make_cfg(broker.port))
+    try:
+        pub = Publisher(broker.port)
+        await asyncio.to_thread(pub.send, LEAK_TOPIC, leak_doc("Warning"))
+        await r.until(lambda: bool(r.leaks))
+        first = subscriber(broker, f"{BASE}/alarm/+")
+        await asyncio.to_thread(first.wait_for, lambda m: m.json()["latched"] == "warning", 5)
+        pub.close()
+        connects = r.agent.link.connects
+        broker.stop()
+        broker.start()  # same port, persistence off: every retained message is gone
+        await r.until(lambda: r.agent.link.connected and r.agent.link.connects > connects, 20)
+        late = subscriber(broker, f"{BASE}/alarm/#")  # a new subscriber after the restart
+        hit = (await asyncio.to_thread(late.wait_for, lambda m: m.retain, 10))[0]
+        alarm = hit.json()
+        assert hit.topic == f"{BASE}/alarm/leak-tray"
+        assert (alarm["sensor"], alarm["state"], alarm["latched"]) == ("leak-tray", "warning", "warning")
+        # Nothing but the agent re-sent it: the broker kept nothing.
+        assert not broker.persistence
+    finally:
+        await stop_agent(r, task)
+
+
 # -- the monitor's rules, in-process ----------------------------------------------------------
 class Clock:
     def __init__(self) -> None:
@@ -256,15 +282,15 @@ class Clock:
         self.mono += dt_s
 
 
-def monitor(clock: Clock, **over: Any) -> tuple[CoolantMonitor, list[LeakEvent], list[OutMsg]]:
+def monitor(clock: Clock, **over: Any) -> tuple[CoolantMonitor, list[LeakEvent], list[tuple[str, bytes]]]:
     cfg = configmod.validate({"coolant": coolant_cfg(**over)}).coolant
     events: list[LeakEvent] = []
-    out: list[OutMsg] = []
+    out: list[tuple[str, bytes]] = []
     m = CoolantMonitor(
         cfg,
         node=NodeId(site="s", rack="r", name="n"),
         metrics=Metrics(),
-        publish=out.append,
+        set_alarm=lambda topic, payload: out.append((topic, payload)),
         alarm_topic="x/alarm",
         on_leak=events.append,
         clock=lambda: clock.t,
@@ -284,7 +310,8 @@ def test_leak_auto_clear_and_escalation() -> None:
         ("warning", "critical"),
         ("ok", "ok"),
     ]
-    assert all(o.kind == "alarm" and o.retain and o.qos == 1 for o in out) and len(out) == 4
+    assert [t for t, _ in out] == ["x/alarm/leak-tray"] * 4
+    assert [json.loads(p)["latched"] for _, p in out] == ["warning", "critical", "critical", "ok"]
 
 
 def test_ack_refused_while_stale_and_unknown_sensor() -> None:

@@ -66,7 +66,11 @@ async def test_metrics_health_and_cap() -> None:
         status, body = await get(port, "/metrics")
         assert status == 200
         families = {f.name: f for f in text_string_to_metric_families(body.decode())}
-        for name in ("rackguard_gpu_power_w", "rackguard_nvml_call_seconds", "rackguard_mqtt_queue_depth"):
+        for name in (
+            "rackguard_gpu_power_watts",
+            "rackguard_nvml_call_seconds",
+            "rackguard_mqtt_queue_depth",
+        ):
             assert name in families, sorted(families)
         nvml = families["rackguard_nvml_call_seconds"]
         assert any(s.name.endswith("_count") and s.value > 0 for s in nvml.samples)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -218,3 +219,65 @@ def test_signature_is_hmac_sha256_of_the_signed_bytes(tmp_path: Path) -> None:
     assert p.handle(json.dumps(env).encode()).accepted and calls == [("rebirth", None)]
     with pytest.raises(configmod.ConfigError):
         configmod.validate({"commands": {"require_signature": True}})
+
+
+async def rackguard_cmd(broker: Any, *args: str) -> tuple[int, dict[str, Any] | None, str]:
+    """Run ``rackguard cmd`` as an operator would; return its exit code, printed ack and stderr."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "rackguard.agent.cli",
+        "cmd",
+        *args,
+        "--host",
+        broker.host,
+        "--port",
+        str(broker.port),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    text = out.decode().strip()
+    return proc.returncode or 0, json.loads(text) if text else None, err.decode()
+
+
+async def test_rackguard_cmd_signs_sends_and_prints_the_ack(broker, subscriber, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    secret_file = tmp_path / "cmd-hmac"
+    secret_file.write_text(SECRET + "\n")
+    agent = Agent(make_cfg(broker, secret_file), SimBackend(2))
+    sub = subscriber(broker, f"{BASE}/cap")
+    task = asyncio.create_task(agent.run())
+    try:
+        await asyncio.to_thread(sub.wait_for, lambda m: True, 15.0)
+        code, ack, err = await rackguard_cmd(
+            broker, "t/r1/cmd-node", "set-ceiling", "3", "--sign-key", str(secret_file)
+        )
+        assert code == 0, err
+        assert ack is not None and ack["accepted"] and ack["command"] == "set_manual_ceiling"
+        assert ack["cap_total"] == 6 and ack["id"].startswith("cli-")  # 2 GPUs x 3
+        cap = (await asyncio.to_thread(sub.wait_for, lambda m: m.json()["manual_ceiling"] == 3, 5.0))[
+            0
+        ].json()
+        assert cap["caps"] == [3, 3] and cap["reason"] == "manual"
+
+        # Unsigned, while the agent requires signatures: the ack says why, exit 1.
+        code, ack, _ = await rackguard_cmd(broker, "t/r1/cmd-node", "pause-mpc")
+        assert code == 1 and ack is not None and ack["reason"].startswith("unsigned")
+        # A wrong key is a forgery.
+        wrong = tmp_path / "wrong"
+        wrong.write_text("not-the-key\n")
+        code, ack, _ = await rackguard_cmd(broker, "t/r1/cmd-node", "clear-ceiling", "--sign-key", str(wrong))
+        assert code == 1 and ack is not None and ack["reason"] == "forged: bad signature"
+        code, ack, _ = await rackguard_cmd(
+            broker, "t/r1/cmd-node", "clear-ceiling", "--sign-key", str(secret_file)
+        )
+        assert code == 0 and ack is not None and ack["accepted"] and agent.control is not None
+        assert agent.control.manual_ceiling is None
+        # A bad argument never reaches the broker; no agent there: no ack, exit 2.
+        code, ack, err = await rackguard_cmd(broker, "t/r1/cmd-node", "set-ceiling", "lots")
+        assert code == 2 and ack is None and "set-ceiling needs a whole number" in err
+        code, ack, err = await rackguard_cmd(broker, "t/r1/nobody", "rebirth", "--timeout-s", "1")
+        assert code == 2 and ack is None and "no ack on rackguard/t/r1/nobody/cmd/ack" in err
+    finally:
+        agent.request_stop("test")
+        assert await asyncio.wait_for(task, 10) == 0

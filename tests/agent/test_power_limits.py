@@ -123,6 +123,25 @@ def test_restore_command_without_state_file_exits_0(
     assert "nothing to restore" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(
+    "body", ["{not json", '{"schema": "other"}', '{"schema": "%s"}', '{"schema": "%s", "gpus": [1]}']
+)
+def test_restore_command_with_corrupt_state_file_says_so_not_nvml(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], body: str
+) -> None:
+    import argparse
+
+    from rackguard.agent.power_limits import STATE_SCHEMA
+
+    state = tmp_path / "power_limits.json"
+    state.write_text(body.replace("%s", STATE_SCHEMA))
+    args = argparse.Namespace(config=None, state_file=state)
+    assert restore_power_limits.main(args) == 1
+    err = capsys.readouterr().err
+    assert f"{state} is corrupt, so no power limit was restored" in err
+    assert "NVML" not in err and state.exists()  # this machine has no NVML: it was never asked
+
+
 class PowerSim(SimBackend):
     """The simulator plus a fake power-limit boundary."""
 

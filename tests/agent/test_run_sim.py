@@ -8,7 +8,10 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
+
+from rackguard.agent.mosquitto import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 BASE = "rackguard/demo/r1/sim-node-1"
@@ -17,7 +20,12 @@ BASE = "rackguard/demo/r1/sim-node-1"
 def test_sim_node_publishes_birth_telemetry_and_offline(broker, subscriber) -> None:  # type: ignore[no-untyped-def]
     sub = subscriber(broker, f"{BASE}/#")
     env = {k: v for k, v in os.environ.items() if not k.startswith("RACKGUARD_")}
-    env |= {"RACKGUARD_MQTT__PORT": str(broker.port), "RACKGUARD_MQTT__HOST": broker.host}
+    http_port = free_port()  # examples/sim.toml serves /metrics on 9108; a free one here
+    env |= {
+        "RACKGUARD_MQTT__PORT": str(broker.port),
+        "RACKGUARD_MQTT__HOST": broker.host,
+        "RACKGUARD_HTTP__PORT": str(http_port),
+    }
     proc = subprocess.Popen(
         [sys.executable, "-m", "rackguard.agent.cli", "run", "--config", "examples/sim.toml"],
         cwd=REPO,
@@ -55,6 +63,8 @@ def test_sim_node_publishes_birth_telemetry_and_offline(broker, subscriber) -> N
         assert all(0.7 < g < 1.3 for g in gaps), gaps
         energy = [p["gpus"][0]["energy_j"] for p in payloads]
         assert energy == sorted(energy) and energy[-1] > energy[0]
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=5) as r:
+            assert 'rackguard_gpu_power_watts{gpu="7",uuid="' in r.read().decode()
 
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)

@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -125,6 +126,9 @@ def test_daemon_ready_watchdog_status_and_sighup_reload(
         s.drain()
         pings = [t for t, m in s.got if m == "WATCHDOG=1"]
         assert len(pings) >= 3
+        # The status line says what the cap is and why (STATUS= every publish period).
+        statuses = [m for _, m in s.got if m.startswith("STATUS=")]
+        assert re.search(r"STATUS=2/2 GPUs ok, cap \d+ \(mpc, binding \w+\), MQTT", statuses[-1]), statuses
         assert (tmp_path / "state" / "outbox.sqlite").exists()  # $STATE_DIRECTORY holds the outbox
         # An invalid config: rejected with the reason, the agent keeps running on the old one.
         cfg.write_text("[telemetry]\npublish_period_s = -1\n")
@@ -278,6 +282,36 @@ async def test_reload_applies_control_limits_live() -> None:
         assert agent.cap_msg.max_cap == 16 and max(agent.cap_msg.caps) <= 16
         assert agent.control is not None and agent.control.mpc is mpc_before
         assert agent.commands.actions.max_cap == 16  # operator ceilings are bounded by the new max
+    finally:
+        agent.request_stop("test")
+        assert await asyncio.wait_for(task, 10) == 0
+
+
+async def test_status_line_says_when_the_cap_is_held_at_safe_cap() -> None:
+    from rackguard.agent import config as configmod
+    from rackguard.agent.daemon import Agent
+    from rackguard.agent.localbus import LocalBroker
+    from rackguard.sim.node import SimBackend
+
+    cfg = configmod.validate(
+        {
+            "sensors": {"backend": "sim", "poll_period_s": 0.05},
+            "control": {"period_s": 0.1, "safe_cap": 8},
+            "http": {"port": 0},
+            "sim": {"gpus": 2},
+            # A declared sensor that never reports: stale, so the safety layer holds safe_cap.
+            "coolant": {"sensors": [{"id": "cdu", "kind": "cdu", "topic": "bms/cdu", "max_age_s": 1.0}]},
+        }
+    )
+    agent = Agent(cfg, SimBackend(2), client_factory=LocalBroker().client)
+    assert agent.status_line().startswith("0/0 GPUs ok, no cap yet, MQTT disconnected")
+    task = asyncio.create_task(agent.run())
+    try:
+        for _ in range(200):
+            if agent.cap_msg is not None:
+                break
+            await asyncio.sleep(0.02)
+        assert agent.status_line().startswith("2/2 GPUs ok, cap 16 at safe_cap (stale), MQTT ")
     finally:
         agent.request_stop("test")
         assert await asyncio.wait_for(task, 10) == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -50,7 +51,12 @@ def test_bench_controllers_json(capsys: pytest.CaptureFixture[str]) -> None:
     for f in files:
         argv += ["--scenario", str(f)]
     assert _bench(argv) == 0
-    out = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)  # progress goes to stderr, so stdout stays JSON
+    assert re.findall(r"\[(\d)/2\] (\w+) \.\.\. \d+\.\d s", captured.err) == [
+        ("1", "steady_full_load"),
+        ("2", "leak_mid_run"),
+    ]
     assert [s["name"] for s in out["scenarios"]] == ["steady_full_load", "leak_mid_run"]
     for s in out["scenarios"]:
         assert set(s["controllers"]) == {"mpc", "pid", "threshold"}
