@@ -96,7 +96,9 @@ class ControlLoop:
 
     @classmethod
     def from_config(cls, cfg: Config, infos: list[GpuInfo]) -> ControlLoop:
-        loop = cls(limits_from(cfg.control, cfg.coolant, infos), len(infos), ThermalModel.from_config(cfg.control))
+        loop = cls(
+            limits_from(cfg.control, cfg.coolant, infos), len(infos), ThermalModel.from_config(cfg.control)
+        )
         loop.infos = list(infos)
         return loop
 

@@ -67,4 +67,10 @@ def routes(agent: Agent) -> dict[str, Route]:
             },
         )
 
-    return {"/metrics": metrics, "/healthz": healthz, "/v1/cap": cap, "/v1/model": model, "/debug/timings": timings}
+    return {
+        "/metrics": metrics,
+        "/healthz": healthz,
+        "/v1/cap": cap,
+        "/v1/model": model,
+        "/debug/timings": timings,
+    }

@@ -124,7 +124,9 @@ class AheadError:
         window: Errors kept per GPU for the rolling RMSE.
     """
 
-    def __init__(self, params: ThermalParams, n_gpus: int, *, horizon_s: float = 10.0, window: int = 60) -> None:
+    def __init__(
+        self, params: ThermalParams, n_gpus: int, *, horizon_s: float = 10.0, window: int = 60
+    ) -> None:
         self.params = params
         self.horizon_s = horizon_s
         self._x: FloatArray | None = None

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import math
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -48,6 +49,10 @@ BOUNDS_S: dict[str, tuple[float, float]] = {
     "tau_mem_s": (0.02, 600.0),  # HBM stacks
     "power_lag_s": (0.0, 2.0),  # the power reading behind the heat
 }
+# NVML's power reading on Hopper is the average over the last second: undone before fitting.
+POWER_WINDOW_S = 1.0
+DECONV_SMOOTH = 1.0
+DECONV_EPS_W = 1.0
 
 
 class TraceError(ValueError):
@@ -153,7 +158,7 @@ def parse_trace_csv(text: str) -> Trace:
     gap_s = GAP_PERIODS * float(np.median(dt))
     cuts = [0, *(np.nonzero(dt > gap_s)[0] + 1).tolist(), len(t)]
     cleaned["gaps"] = len(cuts) - 2
-    segs = [(a, b) for a, b in zip(cuts[:-1], cuts[1:], strict=True) if b - a >= MIN_SEGMENT_ROWS]
+    segs = [(a, b) for a, b in itertools.pairwise(cuts) if b - a >= MIN_SEGMENT_ROWS]
     keep = np.zeros(len(t), dtype=bool)
     for a, b in segs:
         keep[a:b] = True
@@ -251,26 +256,87 @@ def _ladder(params: ThermalParams) -> tuple[FloatArray, FloatArray]:
 # --- simulation on a uniform grid ----------------------------------------------------------------
 
 
+def deconvolve_boxcar(
+    reading_w: FloatArray, taps: int, *, smooth: float = DECONV_SMOOTH, iters: int = 15
+) -> FloatArray:
+    """The heat whose trailing moving average over ``taps`` samples is the power reading.
+
+    NVML's power on the H100 is a 1 s average: a load that stops at once reads as a
+    1 s ramp while the die cools within one sample. Inverting the average is ill-posed,
+    so it is regularised with total variation (heat is piecewise steady with sharp
+    steps), solved by iteratively reweighted least squares. The ``taps − 1`` samples
+    before the start are unknowns too (a trace may start mid-ramp).
+
+    Args:
+        reading_w: Power readings on a uniform grid.
+        taps: Samples in the averaging window (1: the reading is the heat).
+        smooth: Weight of the total-variation term (W² per W of step).
+        iters: Reweighting iterations.
+
+    Returns:
+        Heat on the same grid.
+    """
+    from scipy.linalg import solveh_banded
+
+    n = len(reading_w)
+    if taps <= 1 or n < 2:
+        return reading_w
+    m = taps
+    size = n + m - 1  # heat[c] for c = 0 .. size-1; reading k averages heat[k .. k+m-1]
+    u = max(m - 1, 1)
+    # Normal equations (AᵀA + Dᵀ W D) heat = Aᵀ r in upper banded form (A: the average,
+    # D: first differences): AᵀA[i, i+d] counts the readings that cover both.
+    ata = np.zeros((u + 1, size))
+    i = np.arange(size)
+    for d in range(min(m, u + 1)):
+        count = np.clip(np.minimum(n - 1, i) - np.maximum(0, i + d - m + 1) + 1, 0, None)
+        ata[u - d, d:] = count[: size - d] / m**2
+    rhs = np.convolve(reading_w, np.ones(m)) / m
+    heat = np.concatenate([np.full(m - 1, reading_w[0]), reading_w])
+    for _ in range(iters):
+        w = smooth / (np.abs(np.diff(heat)) + DECONV_EPS_W)
+        ab = ata.copy()
+        ab[u, :-1] += w
+        ab[u, 1:] += w
+        ab[u - 1, 1:] -= w
+        heat = solveh_banded(ab, rhs, check_finite=False)
+    out: FloatArray = np.asarray(heat[m - 1 :], dtype=float)
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class _Segment:
     t_s: FloatArray  # sample times from 0
     grid_s: FloatArray  # uniform grid from 0 covering the samples
-    power_w: FloatArray
+    heat_w: FloatArray  # heat on the grid (the power reading with its averaging undone)
     die_c: FloatArray  # target: die − measured supply (NaN missing)
     mem_c: FloatArray | None  # target: HBM − measured supply
 
 
-def _segments(trace: Trace) -> tuple[list[_Segment], float]:
+def _segments(trace: Trace, power_window_s: float) -> tuple[list[_Segment], float]:
     dts = np.concatenate([np.diff(trace.t_s[a:b]) for a, b in trace.segments])
     h = max(round(float(np.median(dts)), 3), 0.001)
+    taps = max(1, round(power_window_s / h))
     supply = trace.coolant_supply_c if trace.coolant_supply_c is not None else np.zeros_like(trace.t_s)
     out = []
     for a, b in trace.segments:
         t = trace.t_s[a:b] - trace.t_s[a]
         grid = h * np.arange(math.ceil(t[-1] / h) + 1)
+        heat = deconvolve_boxcar(np.interp(grid, t, trace.power_w[a:b]), taps)
         mem = None if trace.mem_temp_c is None else trace.mem_temp_c[a:b] - supply[a:b]
-        out.append(_Segment(t, grid, trace.power_w[a:b], trace.gpu_temp_c[a:b] - supply[a:b], mem))
+        out.append(_Segment(t, grid, heat, trace.gpu_temp_c[a:b] - supply[a:b], mem))
     return out, h
+
+
+def _lsq(x: FloatArray, y: FloatArray) -> FloatArray:
+    """Least squares by column-scaled normal equations (fast; lstsq if ill-conditioned)."""
+    scale = np.sqrt(np.einsum("ij,ij->j", x, x))
+    scale[scale == 0.0] = 1.0
+    xs = x / scale
+    gram = xs.T @ xs
+    if np.linalg.cond(gram) < 1e10:
+        return np.asarray(np.linalg.solve(gram, xs.T @ y) / scale)
+    return np.asarray(np.linalg.lstsq(x, y, rcond=None)[0])
 
 
 def _first_order(u: FloatArray, pole: float, gain: float, x0: float = 0.0) -> FloatArray:
@@ -282,8 +348,8 @@ def _first_order(u: FloatArray, pole: float, gain: float, x0: float = 0.0) -> Fl
 
 
 def _heat(seg: _Segment, lag_s: float) -> FloatArray:
-    """Heat on the grid: the power read lag_s later (the reading lags the heat)."""
-    return np.interp(seg.grid_s + lag_s, seg.t_s, seg.power_w)
+    """Heat on the grid, lag_s later (what is left of the reading's delay after deconvolution)."""
+    return np.interp(seg.grid_s + lag_s, seg.grid_s, seg.heat_w) if lag_s > 0.0 else seg.heat_w
 
 
 def _die_columns(seg: _Segment, taus: tuple[float, float], lag_s: float, h: float) -> FloatArray:
@@ -330,7 +396,7 @@ def _solve_die(
         rows.append(x)
         targets.append(y)
     xm, ym = np.concatenate(rows), np.concatenate(targets)
-    beta = np.linalg.lstsq(xm, ym, rcond=None)[0]
+    beta = _lsq(xm, ym)
     if gains is None and np.any(beta[:2] < 1e-6):  # a mode with negative gain: not a ladder
         from scipy.optimize import lsq_linear
 
@@ -378,7 +444,9 @@ def _mem_columns(
         _first_order(drive, e, 1.0),
         _first_order(p, e, 1.0 - e),
     ]
-    return np.stack([*(np.interp(seg.t_s, seg.grid_s, c) for c in cols), np.exp(-seg.t_s / params.tau_mem_s)], 1)
+    return np.stack(
+        [*(np.interp(seg.t_s, seg.grid_s, c) for c in cols), np.exp(-seg.t_s / params.tau_mem_s)], 1
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -416,14 +484,16 @@ def _solve_mem(
         x[:, n_lin - n_seg + i] = cols[ok, 2]
         rows.append(x)
         targets.append(y)
-    beta = np.linalg.lstsq(np.concatenate(rows), np.concatenate(targets), rcond=None)[0]
+    beta = _lsq(np.concatenate(rows), np.concatenate(targets))
     r_mem, offset = (params.r_mem_k_per_w, params.mem_offset_c) if fixed else (float(beta[0]), float(beta[1]))
     free = beta[n_lin - n_seg :]
-    pred = [
-        supply_c + offset + c[:, 0] + r_mem * c[:, 1] + free[i] * c[:, 2] for i, c in enumerate(blocks)
-    ]
+    pred = [supply_c + offset + c[:, 0] + r_mem * c[:, 1] + free[i] * c[:, 2] for i, c in enumerate(blocks)]
     resid = np.concatenate(
-        [(pr - s.mem_c)[np.isfinite(s.mem_c)] for pr, s in zip(pred, segs, strict=True) if s.mem_c is not None]
+        [
+            (pr - s.mem_c)[np.isfinite(s.mem_c)]
+            for pr, s in zip(pred, segs, strict=True)
+            if s.mem_c is not None
+        ]
     )
     return _MemSolution(r_mem, offset, free, resid, pred)
 
@@ -451,6 +521,7 @@ class FitResult:
         warnings: A parameter at a bound, an interval wider than the parameter ...
         die_pred_c: Predicted die temperature at each sample (for plots).
         mem_pred_c: Predicted HBM temperature at each sample, or None.
+        power_window_s: The power reading's averaging window that was undone.
     """
 
     params: ThermalParams
@@ -465,6 +536,7 @@ class FitResult:
     warnings: tuple[str, ...] = ()
     die_pred_c: FloatArray = field(default_factory=lambda: np.zeros(0))
     mem_pred_c: FloatArray | None = None
+    power_window_s: float = POWER_WINDOW_S
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready figures (no arrays)."""
@@ -474,8 +546,11 @@ class FitResult:
 
         return {
             "params": self.params.as_dict(),
+            "power_window_s": self.power_window_s,
             "supply_c": round(self.supply_c, 3),
-            "initial_state_k": dict(zip(("die", "plate", "mem"), (round(v, 3) for v in self.x0_k), strict=True)),
+            "initial_state_k": dict(
+                zip(("die", "plate", "mem"), (round(v, 3) for v in self.x0_k), strict=True)
+            ),
             "rmse_open_loop_c": r(self.rmse_open_loop_c),
             "rmse_10s_c": r(self.rmse_10s_c),
             "rmse_mem_open_loop_c": r(self.rmse_mem_open_loop_c),
@@ -535,11 +610,12 @@ def _at_bound(name: str, value: float) -> str | None:
     return None
 
 
-def fit_trace(trace: Trace) -> FitResult:
+def fit_trace(trace: Trace, *, power_window_s: float = POWER_WINDOW_S) -> FitResult:
     """Fit the thermal model to one trace (see the module docstring).
 
     Args:
         trace: A cleaned trace (the reference flow is assumed throughout).
+        power_window_s: The power reading is the mean heat over this window (0: no averaging).
 
     Returns:
         The fit, its error figures, confidence intervals and warnings.
@@ -551,8 +627,12 @@ def fit_trace(trace: Trace) -> FitResult:
     from scipy.optimize import least_squares
 
     check_identifiable(trace)
-    segs, h = _segments(trace)
-    (lo_f, hi_f), (lo_s, hi_s), (lo_l, hi_l) = BOUNDS_S["tau_fast_s"], BOUNDS_S["tau_slow_s"], BOUNDS_S["power_lag_s"]
+    segs, h = _segments(trace, power_window_s)
+    (lo_f, hi_f), (lo_s, hi_s), (lo_l, hi_l) = (
+        BOUNDS_S["tau_fast_s"],
+        BOUNDS_S["tau_slow_s"],
+        BOUNDS_S["power_lag_s"],
+    )
 
     def unpack(v: FloatArray) -> tuple[tuple[float, float], float]:
         return (math.exp(v[0]), math.exp(v[1])), float(v[2])
@@ -597,7 +677,8 @@ def fit_trace(trace: Trace) -> FitResult:
         values.append(prm.tau_mem_s)
         if mem_ci is not None:
             intervals["tau_mem_s"] = mem_ci
-    return _result(trace, segs, h, prm, die, mem, intervals, dict(zip(names, values, strict=True)))
+    taus = dict(zip(names, values, strict=True))
+    return _result(trace, segs, h, prm, die, mem, intervals, taus, power_window_s)
 
 
 def _fit_mem(
@@ -618,7 +699,9 @@ def _fit_mem(
         lambda x: solve(float(x[0])).resid, [start], bounds=([math.log(lo)], [math.log(hi)]), diff_step=1e-4
     )
     mem = solve(float(sol.x[0]))
-    prm = replace(prm, tau_mem_s=math.exp(float(sol.x[0])), r_mem_k_per_w=mem.r_mem_k_per_w, mem_offset_c=mem.offset_c)
+    prm = replace(
+        prm, tau_mem_s=math.exp(float(sol.x[0])), r_mem_k_per_w=mem.r_mem_k_per_w, mem_offset_c=mem.offset_c
+    )
     ci = _interval(sol.x, sol.jac, mem.resid, 2 + len(segs))
     return prm, mem, None if ci is None else (_exp(ci[0][0]), _exp(ci[1][0]))
 
@@ -632,6 +715,7 @@ def _result(
     mem: _MemSolution | None,
     intervals: dict[str, tuple[float, float]],
     taus: dict[str, float],
+    power_window_s: float,
 ) -> FitResult:
     _, _, v = cauer_to_foster(prm)
     x0 = v @ (die.free[0] / v[0, :])
@@ -656,10 +740,11 @@ def _result(
         warnings=tuple(warnings),
         die_pred_c=np.concatenate(die.pred) + supply,
         mem_pred_c=mem_pred,
+        power_window_s=power_window_s,
     )
 
 
-def validate(params: ThermalParams, trace: Trace) -> FitResult:
+def validate(params: ThermalParams, trace: Trace, *, power_window_s: float = POWER_WINDOW_S) -> FitResult:
     """Open-loop error of given parameters on a trace they were not fitted to.
 
     Only what a new trace cannot share with the fit is estimated: the supply
@@ -668,16 +753,16 @@ def validate(params: ThermalParams, trace: Trace) -> FitResult:
     Args:
         params: The model to check (e.g. from another trace's fit).
         trace: The unseen trace.
+        power_window_s: The power reading's averaging window (as in the fit).
 
     Returns:
         Error figures with ``params`` unchanged.
     """
-    segs, h = _segments(trace)
+    segs, h = _segments(trace, power_window_s)
     (tau1, g1), (tau2, g2), _ = cauer_to_foster(params)
     die = _solve_die(segs, h, (tau1, tau2), params.power_lag_s, np.array([g1, g2]))
     mem = None
     if trace.mem_temp_c is not None:
         _, _, v = cauer_to_foster(params)
         mem = _solve_mem(segs, h, params, _states(segs, h, params, die, v), die.supply_c, True)
-    return _result(trace, segs, h, params, die, mem, {}, {})
-
+    return _result(trace, segs, h, params, die, mem, {}, {}, power_window_s)

@@ -28,8 +28,18 @@ def register(sub: Any) -> None:
     )
     fit.add_argument("--json", action="store_true", help="print one JSON object (the model file's)")
     fit.add_argument(
-        "--validate", type=Path, action="append", default=[], metavar="CSV",
+        "--validate",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="CSV",
         help="also report the open-loop error on this trace, not used in the fit (repeatable)",
+    )
+    fit.add_argument(
+        "--power-window-s",
+        type=float,
+        default=1.0,
+        help="the power reading is the mean over this window (H100 NVML: 1 s; 0: instantaneous)",
     )
     fit.add_argument("--out", type=Path, help="write the model file (control.thermal_model_file)")
     fit.add_argument("--plot", type=Path, metavar="PNG", help="measured vs predicted, with residuals")
@@ -66,6 +76,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
         print(f"rackguard model fit: {path}: {why}", file=sys.stderr)
         return EX_USAGE
 
+    if not 0.0 <= args.power_window_s <= 10.0:
+        return fail(args.trace, "--power-window-s must be within [0, 10]")
     traces: dict[Path, Trace] = {}
     for path in (args.trace, *args.validate):
         try:
@@ -77,7 +89,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     trace = traces[args.trace]
     t0 = time.perf_counter()
     try:
-        res = fit_trace(trace)
+        res = fit_trace(trace, power_window_s=args.power_window_s)
     except TraceError as exc:
         return fail(args.trace, f"cannot identify a model: {exc}")
     fit_s = time.perf_counter() - t0
@@ -92,7 +104,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     }
     checks: dict[Path, FitResult] = {}
     for path in args.validate:
-        checks[path] = validate(res.params, traces[path])
+        checks[path] = validate(res.params, traces[path], power_window_s=args.power_window_s)
         s = checks[path].summary()
         out.setdefault("validation", {})[str(path)] = {
             k: s[k] for k in ("rmse_open_loop_c", "rmse_10s_c", "rmse_mem_open_loop_c", "rmse_mem_10s_c")
@@ -114,7 +126,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def _print_text(out: dict[str, Any]) -> None:
-    print(f"{out['trace']}: {out['rows']} rows, {out['cleaned']['segments']} segment(s), fit in {out['fit_s']} s")
+    print(
+        f"{out['trace']}: {out['rows']} rows, {out['cleaned']['segments']} segment(s), fit in {out['fit_s']} s"
+    )
     changed = {k: v for k, v in out["cleaned"].items() if v and k not in ("rows_read", "segments")}
     if changed:
         print("  cleaned: " + ", ".join(f"{k} {v}" for k, v in changed.items()))
@@ -127,10 +141,14 @@ def _print_text(out: dict[str, Any]) -> None:
         print(f"  {k:26s} {v:.4g}{ci}")
     print(f"  rmse_open_loop_c = {out['rmse_open_loop_c']}   rmse_10s_c = {out['rmse_10s_c']}")
     if out["rmse_mem_open_loop_c"] is not None:
-        print(f"  rmse_mem_open_loop_c = {out['rmse_mem_open_loop_c']}   rmse_mem_10s_c = {out['rmse_mem_10s_c']}")
+        print(
+            f"  rmse_mem_open_loop_c = {out['rmse_mem_open_loop_c']}   rmse_mem_10s_c = {out['rmse_mem_10s_c']}"
+        )
     for path, v in out.get("validation", {}).items():
         mem = f", HBM {v['rmse_mem_open_loop_c']}" if v["rmse_mem_open_loop_c"] is not None else ""
-        print(f"  validation on {path}: open-loop die {v['rmse_open_loop_c']}{mem}, 10 s die {v['rmse_10s_c']}")
+        print(
+            f"  validation on {path}: open-loop die {v['rmse_open_loop_c']}{mem}, 10 s die {v['rmse_10s_c']}"
+        )
     for w in out["warnings"]:
         print(f"  warning: {w}")
 
@@ -157,7 +175,8 @@ def _plot(path: Path, runs: dict[Path, tuple[Trace, FitResult]]) -> int:
             bottom.plot(trace.t_s, pred - meas, "-", lw=0.8, color=color, label=f"{label} residual")
         rm = res.rmse_mem_open_loop_c
         top.set_title(
-            f"{name.name}: die RMSE {res.rmse_open_loop_c:.2f} °C" + (f", HBM {rm:.2f} °C" if rm is not None else "")
+            f"{name.name}: die RMSE {res.rmse_open_loop_c:.2f} °C"
+            + (f", HBM {rm:.2f} °C" if rm is not None else "")
         )
         top.set_ylabel("°C")
         bottom.set_ylabel("predicted − measured, °C")
@@ -182,7 +201,10 @@ def cmd_record(args: argparse.Namespace) -> int:
     from rackguard.sensors.nvml import NvmlBackend
 
     if not 0.01 <= args.period_s <= 10.0 or not 0.0 < args.seconds <= 86_400.0 or args.gpu < 0:
-        print("rackguard model record: need --gpu ≥ 0, 0 < --seconds ≤ 86400, 0.01 ≤ --period-s ≤ 10", file=sys.stderr)
+        print(
+            "rackguard model record: need --gpu ≥ 0, 0 < --seconds ≤ 86400, 0.01 ≤ --period-s ≤ 10",
+            file=sys.stderr,
+        )
         return EX_USAGE
     backend = NvmlBackend([args.gpu])
     try:
