@@ -146,10 +146,10 @@ def parse_trace_csv(text: str) -> Trace:
         merged = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
     col = {c: merged[:, j] for j, c in enumerate(names)}
     t = col["t_s"]
-    if not np.isfinite(col["power_w"]).any() or not np.isfinite(col["gpu_temp_c"]).any():
-        raise TraceError("no usable power_w or gpu_temp_c values")
     if len(t) < MIN_TRACE_ROWS:
         raise TraceError(f"only {len(t)} usable rows; need at least {MIN_TRACE_ROWS}")
+    if not np.isfinite(col["power_w"]).any() or not np.isfinite(col["gpu_temp_c"]).any():
+        raise TraceError("no usable power_w or gpu_temp_c values")
     cleaned["power_interpolated"] = int(np.sum(~np.isfinite(col["power_w"])))
     power = _fill(t, col["power_w"])
 
