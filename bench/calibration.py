@@ -91,7 +91,10 @@ def _time(fn: Any, runs: int) -> tuple[float, list[float]]:
 
 def run(runs: int) -> dict[str, Any]:
     """All figures, as one JSON-ready dict."""
-    traces = {"llm_decode": parse_trace_csv(LLM.read_text()), "matmul_burst": parse_trace_csv(MATMUL.read_text())}
+    traces = {
+        "llm_decode": parse_trace_csv(LLM.read_text()),
+        "matmul_burst": parse_trace_csv(MATMUL.read_text()),
+    }
     big = three_thousand_rows()
     t0 = time.perf_counter()
     fit_trace(traces["matmul_burst"])  # imports scipy (the first fit in a process pays it)
@@ -99,9 +102,16 @@ def run(runs: int) -> dict[str, Any]:
     speed: dict[str, Any] = {"first_fit_in_process_s": round(first_s, 3)}
     for name, trace in {**traces, "3000_rows": big}.items():
         median, walls = _time(lambda trace=trace: fit_trace(trace), runs)
-        speed[name] = {"rows": len(trace.t_s), "median_s": round(median, 3), "runs_s": [round(w, 3) for w in walls]}
+        speed[name] = {
+            "rows": len(trace.t_s),
+            "median_s": round(median, 3),
+            "runs_s": [round(w, 3) for w in walls],
+        }
     ref_median, ref_walls = _time(lambda: reference_fit(big), max(1, min(runs, 3)))
-    speed["reference_3000_rows"] = {"median_s": round(ref_median, 3), "runs_s": [round(w, 3) for w in ref_walls]}
+    speed["reference_3000_rows"] = {
+        "median_s": round(ref_median, 3),
+        "runs_s": [round(w, 3) for w in ref_walls],
+    }
     speed["ratio_reference_over_new"] = round(ref_median / speed["3000_rows"]["median_s"], 1)
 
     fits = {name: fit_trace(trace) for name, trace in traces.items()}
