@@ -253,6 +253,9 @@ class HttpConfig(_Section):
     port: int = Field(default=9108, ge=0, le=65535, description="0 disables the HTTP server")
 
 
+MODEL_FILE_MAX_BYTES = 1 << 20
+
+
 def read_thermal_model(path: Path) -> tuple[ThermalParams, dict[str, Any]]:
     """Read a thermal model file (``rackguard model fit --out``).
 
@@ -263,6 +266,8 @@ def read_thermal_model(path: Path) -> tuple[ThermalParams, dict[str, Any]]:
         ValueError: Unreadable, not JSON, or not a valid model (the reason says which).
     """
     try:
+        if (size := Path(path).stat().st_size) > MODEL_FILE_MAX_BYTES:
+            raise ValueError(f"{path} is {size} bytes; a model file is at most {MODEL_FILE_MAX_BYTES}")
         model = json.loads(Path(path).read_text())
     except OSError as exc:
         raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None

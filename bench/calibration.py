@@ -134,7 +134,7 @@ def run(runs: int) -> dict[str, Any]:
     }
     cross = {}
     for a, b in (("matmul_burst", "llm_decode"), ("llm_decode", "matmul_burst")):
-        v = validate(fits[a].params, traces[b])
+        v = validate(fits[a].params, traces[b], hbm="tau_mem_s" in fits[a].time_constants_s)
         cross[f"{a} -> {b}"] = {
             "rmse_die_c": round(v.rmse_open_loop_c, 3),
             "rmse_hbm_c": None if v.rmse_mem_open_loop_c is None else round(v.rmse_mem_open_loop_c, 3),

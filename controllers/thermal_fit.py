@@ -55,6 +55,9 @@ DECONV_SMOOTH = 1.0
 DECONV_EPS_W = 1.0
 
 
+NO_HBM_WARNING = "no mem_temp_c column: the HBM parameters are the built-in ones, not fitted"
+
+
 class TraceError(ValueError):
     """A trace cannot be used, with the reason (missing column, too short, no power step ...)."""
 
@@ -602,10 +605,8 @@ def _exp(log_v: float) -> float:
 
 
 def _at_bound(name: str, value: float) -> str | None:
-    lo, hi = BOUNDS_S[name]
-    near = (lambda b: abs(value - b) < 1e-3) if lo == 0.0 else (lambda b: abs(math.log(value / b)) < 0.01)
-    for b in (lo, hi) if lo > 0.0 else (hi,):
-        if near(b):
+    for b in BOUNDS_S[name]:
+        if abs(value - b) < 1e-3 if b == 0.0 else abs(math.log(value / b)) < 0.01:
             return f"{name} = {value:.4g} sits at its bound {b:g}: not identifiable from this trace"
     return None
 
@@ -678,7 +679,10 @@ def fit_trace(trace: Trace, *, power_window_s: float = POWER_WINDOW_S) -> FitRes
         if mem_ci is not None:
             intervals["tau_mem_s"] = mem_ci
     taus = dict(zip(names, values, strict=True))
-    return _result(trace, segs, h, prm, die, mem, intervals, taus, power_window_s)
+    res = _result(trace, segs, h, prm, die, mem, intervals, taus, power_window_s)
+    if mem is None:
+        res = replace(res, warnings=(*res.warnings, NO_HBM_WARNING))
+    return res
 
 
 def _fit_mem(
@@ -744,7 +748,9 @@ def _result(
     )
 
 
-def validate(params: ThermalParams, trace: Trace, *, power_window_s: float = POWER_WINDOW_S) -> FitResult:
+def validate(
+    params: ThermalParams, trace: Trace, *, power_window_s: float = POWER_WINDOW_S, hbm: bool = True
+) -> FitResult:
     """Open-loop error of given parameters on a trace they were not fitted to.
 
     Only what a new trace cannot share with the fit is estimated: the supply
@@ -754,6 +760,7 @@ def validate(params: ThermalParams, trace: Trace, *, power_window_s: float = POW
         params: The model to check (e.g. from another trace's fit).
         trace: The unseen trace.
         power_window_s: The power reading's averaging window (as in the fit).
+        hbm: Check the HBM part too (False when it was not fitted: no HBM figures then).
 
     Returns:
         Error figures with ``params`` unchanged.
@@ -762,7 +769,7 @@ def validate(params: ThermalParams, trace: Trace, *, power_window_s: float = POW
     (tau1, g1), (tau2, g2), _ = cauer_to_foster(params)
     die = _solve_die(segs, h, (tau1, tau2), params.power_lag_s, np.array([g1, g2]))
     mem = None
-    if trace.mem_temp_c is not None:
+    if hbm and trace.mem_temp_c is not None:
         _, _, v = cauer_to_foster(params)
         mem = _solve_mem(segs, h, params, _states(segs, h, params, die, v), die.supply_c, True)
     return _result(trace, segs, h, params, die, mem, {}, {}, power_window_s)

@@ -104,7 +104,12 @@ def cmd_fit(args: argparse.Namespace) -> int:
     }
     checks: dict[Path, FitResult] = {}
     for path in args.validate:
-        checks[path] = validate(res.params, traces[path], power_window_s=args.power_window_s)
+        checks[path] = validate(
+            res.params,
+            traces[path],
+            power_window_s=args.power_window_s,
+            hbm="tau_mem_s" in res.time_constants_s,
+        )
         s = checks[path].summary()
         out.setdefault("validation", {})[str(path)] = {
             k: s[k] for k in ("rmse_open_loop_c", "rmse_10s_c", "rmse_mem_open_loop_c", "rmse_mem_10s_c")

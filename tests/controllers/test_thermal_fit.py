@@ -56,7 +56,7 @@ def test_shared_traces_fit_with_no_time_constant_at_a_bound(name: str) -> None:
     res = clean_fit(name)
     assert res.rmse_open_loop_c <= 1.0
     assert 0.03 <= res.params.r_total_k_per_w <= 0.07  # the ~0.048 K/W step measured on the H100
-    assert not [w for w in res.warnings if "bound" in w], res.warnings
+    assert not [w for w in res.warnings if "bound" in w or ("poorly" in w and "tau" in w)], res.warnings
     for key, value in res.time_constants_s.items():
         lo, hi = BOUNDS_S[key]
         assert lo < value < hi, key
@@ -85,10 +85,11 @@ def test_cross_validation_between_the_shared_traces() -> None:
     matmul run's plate settles in ~4 s, the llm run's in ~14 s); the bound keeps it there.
     """
     llm, mm = "h100_llm_decode.csv", "h100_matmul_burst.csv"
-    on_llm = validate(clean_fit(mm).params, load(llm))
+    on_llm = validate(clean_fit(mm).params, load(llm), hbm=False)  # matmul has no HBM column
     on_mm = validate(clean_fit(llm).params, load(mm))
     assert on_llm.rmse_open_loop_c <= 1.0
-    assert on_llm.rmse_mem_open_loop_c is not None and on_llm.rmse_mem_open_loop_c <= 1.5
+    assert on_llm.rmse_mem_open_loop_c is None and on_mm.rmse_mem_open_loop_c is None
+    assert any("HBM parameters are the built-in ones" in w for w in clean_fit(mm).warnings)
     assert on_mm.rmse_open_loop_c <= 1.6
     # A validation is never better than the trace's own fit.
     assert on_llm.rmse_open_loop_c >= clean_fit(llm).rmse_open_loop_c - 1e-6
