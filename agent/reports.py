@@ -225,7 +225,10 @@ class Reporter:
         """One line for ``systemctl status`` (sd_notify STATUS=)."""
         ok = sum(1 for g in self.gpus if g.state == "ok")
         mqtt = "connected" if self.link.connected else "disconnected"
-        line = f"{ok}/{len(self.gpus)} GPUs ok, MQTT {mqtt}, {len(self.link.outbox)} queued, seq {self.telemetry_seq}"
+        line = (
+            f"{ok}/{len(self.gpus)} GPUs ok, MQTT {mqtt}, {len(self.link.outbox)} queued, "
+            f"seq {self.telemetry_seq}"
+        )
         if self.model_info is not None:
             info = self.model_info()
             errs = [e for e in info["rmse_10s_ahead_c"] if e is not None]
