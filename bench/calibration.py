@@ -80,13 +80,19 @@ def reference_fit(trace: Trace) -> float:
     return float(np.sqrt(np.mean(sol.fun**2)))
 
 
-def _time(fn: Any, runs: int) -> tuple[float, list[float]]:
-    walls = []
+def _time(fn: Any, runs: int) -> dict[str, Any]:
+    """Median wall and CPU seconds of ``runs`` calls (CPU: less sensitive to a shared machine's load)."""
+    walls, cpus = [], []
     for _ in range(runs):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
         walls.append(time.perf_counter() - t0)
-    return statistics.median(walls), walls
+        cpus.append(time.process_time() - c0)
+    return {
+        "median_s": round(statistics.median(walls), 3),
+        "median_cpu_s": round(statistics.median(cpus), 3),
+        "runs_s": [round(w, 3) for w in walls],
+    }
 
 
 def run(runs: int) -> dict[str, Any]:
@@ -101,18 +107,11 @@ def run(runs: int) -> dict[str, Any]:
     first_s = time.perf_counter() - t0
     speed: dict[str, Any] = {"first_fit_in_process_s": round(first_s, 3)}
     for name, trace in {**traces, "3000_rows": big}.items():
-        median, walls = _time(lambda trace=trace: fit_trace(trace), runs)
-        speed[name] = {
-            "rows": len(trace.t_s),
-            "median_s": round(median, 3),
-            "runs_s": [round(w, 3) for w in walls],
-        }
-    ref_median, ref_walls = _time(lambda: reference_fit(big), max(1, min(runs, 3)))
-    speed["reference_3000_rows"] = {
-        "median_s": round(ref_median, 3),
-        "runs_s": [round(w, 3) for w in ref_walls],
-    }
-    speed["ratio_reference_over_new"] = round(ref_median / speed["3000_rows"]["median_s"], 1)
+        speed[name] = {"rows": len(trace.t_s), **_time(lambda trace=trace: fit_trace(trace), runs)}
+    speed["reference_3000_rows"] = _time(lambda: reference_fit(big), max(1, min(runs, 3)))
+    new, ref = speed["3000_rows"], speed["reference_3000_rows"]
+    speed["ratio_reference_over_new"] = round(ref["median_s"] / new["median_s"], 1)
+    speed["ratio_reference_over_new_cpu"] = round(ref["median_cpu_s"] / new["median_cpu_s"], 1)
 
     fits = {name: fit_trace(trace) for name, trace in traces.items()}
     own = {

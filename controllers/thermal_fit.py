@@ -336,9 +336,13 @@ def _lsq(x: FloatArray, y: FloatArray) -> FloatArray:
     scale = np.sqrt(np.einsum("ij,ij->j", x, x))
     scale[scale == 0.0] = 1.0
     xs = x / scale
-    gram = xs.T @ xs
-    if np.linalg.cond(gram) < 1e10:
-        return np.asarray(np.linalg.solve(gram, xs.T @ y) / scale)
+    try:
+        chol = np.linalg.cholesky(xs.T @ xs)
+    except np.linalg.LinAlgError:
+        chol = None
+    if chol is not None and (d := np.abs(np.diag(chol))).min() > 1e-5 * d.max():  # cond < ~1e10
+        z = np.linalg.solve(chol, xs.T @ y)
+        return np.asarray(np.linalg.solve(chol.T, z) / scale)
     return np.asarray(np.linalg.lstsq(x, y, rcond=None)[0])
 
 
@@ -644,9 +648,12 @@ def fit_trace(trace: Trace, *, power_window_s: float = POWER_WINDOW_S) -> FitRes
 
     lo = np.array([math.log(lo_f), math.log(lo_s), lo_l])
     hi = np.array([math.log(hi_f), math.log(hi_s), hi_l])
+    # Multi-start: screen a grid of starting points (one linear solve each), then descend
+    # from the best two.
+    grid = [np.array([math.log(f), math.log(s), 0.1]) for f in (0.05, 0.3, 2.0) for s in (5.0, 25.0, 150.0)]
+    starts = sorted(grid, key=lambda v: float(np.sum(resid(v) ** 2)))[:2]
     best = None
-    for tau_f, tau_s in ((0.1, 10.0), (1.0, 30.0), (0.3, 100.0)):
-        v0 = np.array([math.log(tau_f), math.log(tau_s), 0.3])
+    for v0 in starts:
         sol = least_squares(resid, v0, bounds=(lo, hi), x_scale=[1.0, 1.0, 0.3], diff_step=1e-4)
         if best is None or sol.cost < best.cost:
             best = sol
