@@ -7,10 +7,14 @@ into segments at gaps longer than ``GAP_PERIODS`` median sample periods. Each se
 gets its own initial state; the supply temperature (or its offset over a measured
 supply) is shared.
 
-The die's response to power is identified in its Foster form (two first-order modes,
+NVML's power reading is a 1 s trailing average (a load that stops at once reads as a
+1 s ramp while the die drops within one sample): the heat is recovered first by a
+regularised deconvolution (:func:`deconvolve_boxcar`). The die's response to that heat
+is identified in its Foster form (two first-order modes,
 ``die = supply + g1·F(τ1)·P + g2·F(τ2)·P + free decay``) by variable projection: only
-τ1, τ2 and the power reading's lag are searched (multi-start least squares); the
-gains, supply and initial states are linear and solved exactly at every step. The
+τ1, τ2 and a residual lag are searched (a 3×3 grid of starts screened, least squares
+from the best two); the gains, supply and initial states are linear and solved exactly
+at every step. The
 Foster form is then converted to the Cauer ladder the controller uses (exact for two
 nodes, any positive gains). HBM is fitted afterwards the same way on the die path's
 plate (τ_mem searched, r_mem, offset and initial states linear). Each segment is
@@ -40,6 +44,14 @@ MIN_POWER_STEP_W = 50.0
 MIN_TEMP_SPAN_C = 2.0
 REQUIRED_COLUMNS = ("t_s", "power_w", "gpu_temp_c")
 OPTIONAL_COLUMNS = ("mem_temp_c", "coolant_supply_c", "concurrency")
+CELL_RANGES: dict[str, tuple[float, float]] = {
+    "t_s": (-1e9, 1e9),
+    "power_w": (0.0, 5000.0),
+    "gpu_temp_c": (-40.0, 150.0),
+    "mem_temp_c": (-40.0, 150.0),
+    "coolant_supply_c": (-20.0, 100.0),
+    "concurrency": (0.0, 1e7),
+}
 
 # Physical ranges of the searched parameters (seconds). Wide on purpose: a fit that lands
 # on one of them is reported as not identifiable from the trace.
@@ -51,10 +63,8 @@ BOUNDS_S: dict[str, tuple[float, float]] = {
 }
 # NVML's power reading on Hopper is the average over the last second: undone before fitting.
 POWER_WINDOW_S = 1.0
-DECONV_SMOOTH = 1.0
-DECONV_EPS_W = 1.0
-
-
+DECONV_SMOOTH = 1.0  # weight of the total variation (W² per W of step)
+DECONV_EPS_W = 1.0  # steps smaller than this are smoothed rather than kept sharp
 NO_HBM_WARNING = "no mem_temp_c column: the HBM parameters are the built-in ones, not fitted"
 
 
@@ -133,6 +143,12 @@ def parse_trace_csv(text: str) -> Trace:
     for j, c in enumerate(names):
         if c != "t_s" and (n := int(blank[:, j].sum())):
             cleaned[f"missing_{c}"] = n
+    for j, c in enumerate(names):  # a reading outside its physical range is a bad cell
+        lo, hi = CELL_RANGES[c]
+        bad = ~((raw[:, j] >= lo) & (raw[:, j] <= hi)) & ~np.isnan(raw[:, j])
+        if n_bad := int(bad.sum()):
+            cleaned[f"out_of_range_{c}"] = n_bad
+            raw[bad, j] = math.nan
     timed = raw[np.isfinite(raw[:, 0])]
     cleaned["rows_without_time"] = len(raw) - len(timed)
     t_raw = timed[:, 0]

@@ -167,6 +167,7 @@ def test_parse_sorts_merges_and_counts_what_it_cleaned() -> None:
     rows.insert(10, (rows[10][0], 200, 40, 41))  # duplicate timestamp: merged as the mean
     rows[20], rows[21] = rows[21], rows[20]  # out of order
     rows[30] = (rows[30][0], "", 33, "n/a")  # blank power, non-numeric HBM
+    rows[35] = (rows[35][0], 1e12, 900, 36)  # out of any physical range: missing
     trace = parse_trace_csv(_csv(rows, "t_s,power_w,gpu_temp_c,mem_temp_c"))
     assert np.all(np.diff(trace.t_s) > 0) and len(trace.t_s) == 40
     assert trace.cleaned["duplicate_timestamps_merged"] == 1
@@ -175,6 +176,8 @@ def test_parse_sorts_merges_and_counts_what_it_cleaned() -> None:
     assert trace.power_w[10] == pytest.approx((110 + 200) / 2)
     assert trace.power_w[29] == pytest.approx(129.0)  # the blank cell, interpolated from 128 and 130
     assert trace.mem_temp_c is not None and math.isnan(trace.mem_temp_c[29])
+    assert trace.cleaned["out_of_range_power_w"] == 1 and trace.cleaned["out_of_range_gpu_temp_c"] == 1
+    assert trace.power_w[34] == pytest.approx(134.0) and math.isnan(trace.gpu_temp_c[34])
 
 
 def test_parse_splits_at_gaps_and_drops_tiny_segments() -> None:
