@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import json
 import os
 import re
 import socket
@@ -38,6 +39,7 @@ from pydantic import (
     model_validator,
 )
 
+from rackguard.controllers.thermal import ThermalParams, params_from_model
 from rackguard.physics import WATER_CP_J_PER_KG_K, WATER_DENSITY_KG_PER_L
 from rackguard.sensors.coolant import CoolantSensor
 
@@ -401,6 +403,32 @@ class HttpConfig(_Section):
     port: int = Field(default=9108, ge=0, le=65535, description="0 disables the HTTP server")
 
 
+MODEL_FILE_MAX_BYTES = 1 << 20
+
+
+def read_thermal_model(path: Path) -> tuple[ThermalParams, dict[str, Any]]:
+    """Read a thermal model file (``rackguard model fit --out``).
+
+    Returns:
+        The parameters and the whole JSON object.
+
+    Raises:
+        ValueError: Unreadable, not JSON, or not a valid model (the reason says which).
+    """
+    try:
+        if (size := Path(path).stat().st_size) > MODEL_FILE_MAX_BYTES:
+            raise ValueError(f"{path} is {size} bytes; a model file is at most {MODEL_FILE_MAX_BYTES}")
+        model = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not JSON: {exc}") from None
+    try:
+        return params_from_model(model), model
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+
+
 class ControlConfig(_Section):
     """The MPC, the safety layer and the published cap."""
 
@@ -420,6 +448,7 @@ class ControlConfig(_Section):
             "safe_cap",
             "leak_cap",
             "cap_rise_per_s",
+            "thermal_model_file",
         )
     }
 
@@ -442,6 +471,16 @@ class ControlConfig(_Section):
     safe_cap: int = Field(default=8, ge=0)
     leak_cap: int = Field(default=4, ge=0)
     cap_rise_per_s: float = Field(default=32.0, gt=0, le=1e6)
+    thermal_model_file: Path | None = Field(
+        default=None, description="model file from `rackguard model fit --out` (default: built-in model)"
+    )
+
+    @field_validator("thermal_model_file")
+    @classmethod
+    def _model_readable(cls, v: Path | None) -> Path | None:
+        if v is not None:
+            read_thermal_model(v)
+        return v
 
     @model_validator(mode="after")
     def _caps(self) -> ControlConfig:

@@ -10,11 +10,18 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-from rackguard.agent.config import Config, ControlConfig, CoolantConfig
+import numpy as np
+
+from rackguard.agent import log as logmod
+from rackguard.agent.config import Config, ControlConfig, CoolantConfig, read_thermal_model
 from rackguard.controllers.api import Decision, Limits, Observation
+from rackguard.controllers.ident import AheadError
 from rackguard.controllers.mpc import MpcController
 from rackguard.controllers.safety import SafetyLayer
+from rackguard.controllers.thermal import DEFAULT_PARAMS, ThermalParams
 from rackguard.sensors.base import GpuInfo
 
 
@@ -45,6 +52,25 @@ def limits_from(cfg: ControlConfig, coolant: CoolantConfig, infos: list[GpuInfo]
 
 
 @dataclass(frozen=True, slots=True)
+class ThermalModel:
+    """The thermal model in force: where it came from, and the file's fit figures."""
+
+    params: ThermalParams = DEFAULT_PARAMS
+    source: str = "built-in"
+    fit: dict[str, Any] | None = None
+
+    @classmethod
+    def from_config(cls, cfg: ControlConfig) -> ThermalModel:
+        """The configured model file, or the built-in model (the file was checked by the config)."""
+        path: Path | None = cfg.thermal_model_file
+        if path is None:
+            return cls()
+        params, doc = read_thermal_model(path)
+        fit = {k: doc.get(k) for k in ("trace", "fitted_at", "rmse_open_loop_c", "rmse_10s_c", "warnings")}
+        return cls(params, str(path), fit)
+
+
+@dataclass(frozen=True, slots=True)
 class StepTiming:
     mpc_s: float
     safety_s: float
@@ -53,9 +79,11 @@ class StepTiming:
 class ControlLoop:
     """Holds the MPC and the safety layer for one node."""
 
-    def __init__(self, limits: Limits, n_gpus: int) -> None:
+    def __init__(self, limits: Limits, n_gpus: int, model: ThermalModel | None = None) -> None:
         self.limits = limits
-        self.mpc = MpcController(limits, n_gpus)
+        self.model = model or ThermalModel()
+        self.mpc = MpcController(limits, n_gpus, self.model.params)
+        self.ahead = AheadError(self.model.params, n_gpus)
         self.safety = SafetyLayer(limits)
         self.n_gpus = n_gpus
         self.paused = False
@@ -68,15 +96,47 @@ class ControlLoop:
 
     @classmethod
     def from_config(cls, cfg: Config, infos: list[GpuInfo]) -> ControlLoop:
-        loop = cls(limits_from(cfg.control, cfg.coolant, infos), len(infos))
+        loop = cls(
+            limits_from(cfg.control, cfg.coolant, infos), len(infos), ThermalModel.from_config(cfg.control)
+        )
         loop.infos = list(infos)
         return loop
 
     def reconfigure(self, cfg: Config) -> None:
-        """A reloaded config: new limits (``control.*``), the learned models kept."""
+        """A reloaded config: new limits (``control.*``), the learned models kept.
+
+        The thermal model file is re-read; a changed model restarts the thermal
+        identification from it (the learned power curves are kept).
+        """
         limits = limits_from(cfg.control, cfg.coolant, self.infos)
         if limits != self.limits:
             self.set_limits(limits)
+        try:
+            model = ThermalModel.from_config(cfg.control)
+        except ValueError as exc:  # changed between the config's check and now
+            logmod.get("control").error("thermal_model_rejected", error=str(exc), kept=self.model.source)
+            return
+        if model != self.model:
+            self.set_model(model)
+
+    def set_model(self, model: ThermalModel) -> None:
+        """Run on another thermal model: the MPC and the prediction error start from it."""
+        power_model = self.mpc.power_model
+        self.mpc = MpcController(self.limits, self.n_gpus, model.params)
+        self.mpc.power_model = power_model
+        self.ahead = AheadError(model.params, self.n_gpus)
+        self.model = model
+        logmod.get("control").info("thermal_model", source=model.source)
+
+    def model_info(self) -> dict[str, Any]:
+        """Which thermal model is in force and how well it predicts now (``/v1/model``)."""
+        return {
+            "source": self.model.source,
+            "params": self.model.params.as_dict(),
+            "fit": self.model.fit,
+            "rmse_10s_ahead_c": [None if v is None else round(v, 3) for v in self.ahead.rmse_c()],
+            "rmse_10s_ahead_samples": self.ahead.samples(),
+        }
 
     def set_limits(self, limits: Limits) -> None:
         """Apply new limits from a reloaded config; the learned models are kept."""
@@ -86,6 +146,13 @@ class ControlLoop:
 
     def step(self, obs: Observation) -> Decision:
         """A full control step: identify, optimise (unless paused), then safety."""
+        flow = obs.coolant.flow_lpm if not obs.coolant.stale else None
+        self.ahead.update(
+            obs.t_s,
+            np.array([np.nan if g.power_w is None or g.lost else g.power_w for g in obs.gpus]),
+            np.array([np.nan if g.gpu_temp_c is None or g.lost else g.gpu_temp_c for g in obs.gpus]),
+            flow,
+        )
         t0 = time.perf_counter()
         proposal = self.mpc.step(obs)  # identification continues while paused
         if not self.paused or self.proposed is None:

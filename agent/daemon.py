@@ -304,6 +304,7 @@ class Agent:
         )
         self.reports.gpus = self.poller.gpus
         self.control = ControlLoop.from_config(self.cfg, self.infos)
+        self.reports.model_info = self.control.model_info
         self.cap = CapPublisher(
             self.cfg,
             node=self.node,

@@ -49,6 +49,14 @@ class NodeId(_Msg):
     name: str
 
 
+class ThermalModelInfo(_Msg):
+    """The thermal model the MPC runs on, and its rolling 10 s-ahead die error per GPU."""
+
+    source: str = Field(description="model file path, or 'built-in'")
+    params: dict[str, float]
+    rmse_10s_ahead_c: list[float | None] = Field(description="per GPU; None before 10 s of data")
+
+
 class Status(_Msg):
     """Retained on ``.../status``: the birth message (online) or the last will (offline)."""
 
@@ -62,6 +70,7 @@ class Status(_Msg):
     poll_period_s: float | None = None
     publish_period_s: float | None = None
     gpus: list[GpuInventory] = []
+    thermal_model: ThermalModelInfo | None = None
 
 
 class GpuTelemetry(_Msg):

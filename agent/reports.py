@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
 from rackguard.agent import __version__
@@ -20,6 +21,7 @@ from rackguard.agent.messages import (
     NodeId,
     Status,
     Telemetry,
+    ThermalModelInfo,
     Thresholds,
     dump,
 )
@@ -96,6 +98,8 @@ class Reporter:
         self.seqs = seqs
         self.telemetry_seq = link.outbox.last_seq("telemetry") or seqs.last("telemetry")
         self.birth_uuids: tuple[str, ...] = ()
+        self.model_info: Callable[[], dict[str, Any]] | None = None  # the control loop's, once it runs
+        self.birth_model: tuple[str, dict[str, float]] | None = None
         self._dropped_seen = link.outbox.dropped_total
         self._energy_seen: dict[int, float] = {}
         self.log = logmod.get("reports")
@@ -111,6 +115,11 @@ class Reporter:
         """Publish the retained ``online`` status with the GPU inventory."""
         infos = infos if infos is not None else [g.info for g in self.gpus]
         self.birth_uuids = tuple(i.uuid for i in infos)
+        model = None
+        if self.model_info is not None:
+            info = self.model_info()
+            model = ThermalModelInfo(**{k: info[k] for k in ("source", "params", "rmse_10s_ahead_c")})
+            self.birth_model = (model.source, model.params)
         status = Status(
             state="online",
             t_s=time.time(),
@@ -120,12 +129,15 @@ class Reporter:
             poll_period_s=self.cfg.sensors.poll_period_s,
             publish_period_s=self.cfg.telemetry.publish_period_s,
             gpus=inventory(infos),
+            thermal_model=model,
         )
         self.link.set_state(self.topics.status, dump(status))
 
     def rebirth_if_changed(self) -> None:
         """A GPU not identified at start (or replaced) now is: publish the new inventory."""
-        if tuple(g.info.uuid for g in self.gpus) != self.birth_uuids:
+        model = self.model_info() if self.model_info is not None else None
+        changed_model = model is not None and (model["source"], model["params"]) != self.birth_model
+        if tuple(g.info.uuid for g in self.gpus) != self.birth_uuids or changed_model:
             self.birth()
 
     # -- telemetry ---------------------------------------------------------------------
@@ -266,7 +278,12 @@ class Reporter:
             cap_text = f"cap {cap.total} ({cap.reason}, binding {cap.binding})"
             if cap.reason in ("stale", "gpu_lost", "thermal") and max(cap.caps, default=0) <= cap.safe_cap:
                 cap_text = f"cap {cap.total} at safe_cap ({cap.reason})"
-        return (
+        line = (
             f"{ok}/{len(self.gpus)} GPUs ok, {cap_text}, MQTT {mqtt}, {len(self.link.outbox)} queued, "
             f"seq {self.telemetry_seq}"
         )
+        if self.model_info is not None:
+            info = self.model_info()
+            errs = [e for e in info["rmse_10s_ahead_c"] if e is not None]
+            line += f", model {info['source']}" + (f" (10 s error ≤ {max(errs):.1f} °C)" if errs else "")
+        return line

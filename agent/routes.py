@@ -1,4 +1,4 @@
-"""The agent's local HTTP routes: ``/healthz``, ``/metrics``, ``/v1/cap``, ``/debug/timings``."""
+"""The agent's local HTTP routes: ``/healthz``, ``/metrics``, ``/v1/cap``, ``/v1/model``, ``/debug/timings``."""
 
 from __future__ import annotations
 
@@ -78,6 +78,11 @@ def routes(agent: Agent) -> dict[str, Route]:
             return json_response(503, {"error": "no cap decided yet"})
         return 200, "application/json", dump(msg)
 
+    def model() -> tuple[int, str, bytes]:
+        if agent.control is None:
+            return json_response(503, {"error": "control loop not started"})
+        return json_response(200, agent.control.model_info())
+
     def timings() -> tuple[int, str, bytes]:
         steps = list(agent.control.timings) if agent.control else []
         return json_response(
@@ -92,4 +97,10 @@ def routes(agent: Agent) -> dict[str, Route]:
             },
         )
 
-    return {"/metrics": metrics, "/healthz": healthz, "/v1/cap": cap, "/debug/timings": timings}
+    return {
+        "/metrics": metrics,
+        "/healthz": healthz,
+        "/v1/cap": cap,
+        "/v1/model": model,
+        "/debug/timings": timings,
+    }

@@ -16,8 +16,13 @@ is kept (a projection; clipping the gain alone corrupts the estimate).
 
 from __future__ import annotations
 
+import math
+from collections import deque
+
 import numpy as np
 from numpy.typing import NDArray
+
+from rackguard.controllers.thermal import ThermalParams, discretize
 
 FloatArray = NDArray[np.float64]
 BoolArray = NDArray[np.bool_]
@@ -103,3 +108,71 @@ class GainOffsetTracker:
     def estimate_k(self, rise_model_k: FloatArray) -> FloatArray:
         """Estimated rise over supply for a model rise."""
         return self.gain * rise_model_k + self.offset_k
+
+
+class AheadError:
+    """Rolling error of the model's h-ahead die predictions, per GPU (how well it predicts now).
+
+    The model is simulated from the measured power and flow; the prediction of T(t+h)
+    made at t is ``T_meas(t) + x(t+h) − x(t)`` (the model's response anchored on the
+    measurement: the same figure as ``rmse_10s_c`` of ``rackguard model fit``).
+
+    Args:
+        params: The model in force.
+        n_gpus: GPUs on the node.
+        horizon_s: Prediction horizon.
+        window: Errors kept per GPU for the rolling RMSE.
+    """
+
+    def __init__(
+        self, params: ThermalParams, n_gpus: int, *, horizon_s: float = 10.0, window: int = 60
+    ) -> None:
+        self.params = params
+        self.horizon_s = horizon_s
+        self._x: FloatArray | None = None
+        self._t_s: float | None = None
+        self._hist: deque[tuple[float, FloatArray, FloatArray]] = deque()
+        self._errors = [deque[float](maxlen=window) for _ in range(n_gpus)]
+
+    def update(self, t_s: float, power_w: FloatArray, temp_c: FloatArray, flow_lpm: float | None) -> None:
+        """Add one sample (NaN power or temperature: that GPU is skipped this time).
+
+        Args:
+            t_s: Sample time (monotonic within the run).
+            power_w: Measured power per GPU.
+            temp_c: Measured die temperature per GPU.
+            flow_lpm: Node flow, or None (reference flow).
+        """
+        power = np.nan_to_num(np.asarray(power_w, dtype=float), nan=0.0)
+        if self._x is None or self._t_s is None or t_s <= self._t_s:
+            self._x = np.array([self.params.steady_rise_k(float(p), flow_lpm) for p in power])
+            self._hist.clear()
+        else:
+            ad, bd = discretize(self.params, min(t_s - self._t_s, 60.0), flow_lpm)
+            self._x = self._x @ ad.T + power[:, None] * bd[None, :]
+        self._t_s = t_s
+        x_die = self._x[:, 0].copy()
+        temp = np.asarray(temp_c, dtype=float).copy()
+        temp[~np.isfinite(np.asarray(power_w, dtype=float))] = np.nan
+        self._hist.append((t_s, temp, x_die))
+        # The newest sample at least horizon_s old is the prediction's start.
+        start = None
+        while self._hist and t_s - self._hist[0][0] >= self.horizon_s:
+            start = self._hist.popleft()
+        if start is None:
+            return
+        self._hist.appendleft(start)
+        if t_s - start[0] > 1.5 * self.horizon_s:  # a stall: no prediction of that age
+            return
+        err = start[1] + x_die - start[2] - temp
+        for g, e in enumerate(err):
+            if math.isfinite(e):
+                self._errors[g].append(float(e))
+
+    def rmse_c(self) -> list[float | None]:
+        """Per GPU: RMSE of the errors in the window (None before the first)."""
+        return [math.sqrt(sum(e * e for e in d) / len(d)) if d else None for d in self._errors]
+
+    def samples(self) -> list[int]:
+        """Per GPU: errors in the window."""
+        return [len(d) for d in self._errors]

@@ -8,6 +8,7 @@ field added without a declaration, or without a row here, fails this test.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
@@ -21,6 +22,7 @@ from rackguard.agent import config as configmod
 from rackguard.agent import log as logmod
 from rackguard.agent.daemon import Agent
 from rackguard.agent.localbus import LocalBroker
+from rackguard.controllers.thermal import DEFAULT_PARAMS, MODEL_SCHEMA
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -60,6 +62,7 @@ LIVE: dict[str, tuple[Any, Getter]] = {
     "control.safe_cap": (5, limit("safe_cap")),
     "control.leak_cap": (3, limit("leak_cap")),
     "control.cap_rise_per_s": (16.0, limit("cap_rise_per_s")),
+    "control.thermal_model_file": ("MODEL", lambda a: Path(a.control.model.source) if a.control else None),
     "gate.report_max_age_s": (9.0, lambda a: a.gates.max_age_s),
     "energy.pue": (1.5, lambda a: a.energy.pue),
     "commands.hmac_secret_file": ("SECRET", lambda a: a.commands.cfg.hmac_secret_file),
@@ -127,11 +130,14 @@ BASE: dict[str, Any] = {
 def with_values(values: dict[str, Any], tmp: Path) -> dict[str, Any]:
     secret = tmp / "secret"
     secret.write_text("s3cret-s3cret-s3cret-s3cret-s3cret\n")  # an HMAC key needs >= 32 bytes
+    model = tmp / "model.json"
+    params = DEFAULT_PARAMS.scaled(1.2).as_dict()
+    model.write_text(json.dumps({"schema": MODEL_SCHEMA, "params": params}))
     data: dict[str, Any] = {k: dict(v) for k, v in BASE.items()}
     for key, value in values.items():
         section, field = key.split(".")
         v = (
-            {"SECRET": str(secret), "OUTBOX": str(tmp / "x.sqlite")}.get(value, value)
+            {"SECRET": str(secret), "OUTBOX": str(tmp / "x.sqlite"), "MODEL": str(model)}.get(value, value)
             if isinstance(value, str)
             else value
         )
@@ -195,6 +201,8 @@ async def test_sighup_applies_every_live_key(tmp_path: Path) -> None:
         want = EXPECT.get(key, value)
         if value == "SECRET":
             want = tmp_path / "secret"
+        if value == "MODEL":
+            want = tmp_path / "model.json"
         got = getter(agent)
         assert got == want, f"{key}: running value {got!r}, want {want!r}"
         section, field = key.split(".")
