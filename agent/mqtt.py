@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import functools
 import json
-import math
 import random
 import socket
 import time
@@ -39,7 +38,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from rackguard.agent import log as logmod
 from rackguard.agent.config import Config, MqttConfig, NodeConfig
-from rackguard.agent.inbox import LEAK, OTHER, Inbox
+from rackguard.agent.inbox import OTHER, Inbox
 from rackguard.agent.outbox import MemoryOutbox, Outbox, OutMsg
 
 Handler = Callable[[str, bytes], None]
@@ -47,7 +46,7 @@ Lane = int | Callable[[str], int]  # a fixed inbox lane, or one per topic
 PUBLISH_WINDOW = 64  # QoS 1 messages in flight at once while draining
 MAX_PACKET_BYTES = 65_536  # MQTT 5 Maximum Packet Size: the broker drops larger messages to us
 DISPATCH_BATCH = 8  # handled messages between yields to the socket reader
-READ_BURST = 16  # packets read from the socket per wake-up (short turns: the safety link reads between)
+READ_BURST = 8  # packets read per wake-up: short turns, so the safety connection is read between them
 STABLE_CONNECTION_S = 10.0  # a connection that lasted this long resets the reconnect backoff
 
 
@@ -296,6 +295,9 @@ class MqttLink:
         self.priority_factory = priority_factory or client_factory
         self._priority_topics: dict[str, None] = {}
         self.priority_connected = False
+        self._main_client: ClientLike | None = None
+        self._priority_client: ClientLike | None = None
+        self._state_inflight: dict[str, tuple[asyncio.Task[None], ClientLike]] = {}
         self.offline_payload = offline_payload
         self.on_connect = on_connect
         self.outbox: Outbox = outbox if outbox is not None else MemoryOutbox()
@@ -356,6 +358,7 @@ class MqttLink:
         """Publish a retained latest-value message now (or on the next connect)."""
         self._states[topic] = OutMsg(topic, payload, qos=1, retain=True, expiry_s=expiry_s)
         self._dirty[topic] = None
+        self._start_state_publish(topic)  # now, not a loop turn later (a leak's cap)
         self._state_wake.set()
 
     def enqueue(self, msg: OutMsg) -> None:
@@ -367,9 +370,13 @@ class MqttLink:
     async def run(self, stop: asyncio.Event) -> None:
         """Stay connected until ``stop`` is set; then publish ``offline``, flush, disconnect."""
         priority = asyncio.create_task(self._run_priority(stop)) if self._priority_topics else None
+        states = asyncio.create_task(self._state_loop())
         try:
             await self._run_main(stop)
         finally:
+            states.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await states
             if priority is not None:
                 priority.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -384,17 +391,23 @@ class MqttLink:
                     for topic in self._priority_topics:
                         await client.subscribe(topic, qos=1)
                     self.priority_connected = True
+                    self._priority_client = client
+                    self._state_wake.set()  # state goes out on this connection from now on
                     delay = self.cfg.reconnect_min_s
                     self.log.info("mqtt_safety_link_connected", topics=len(self._priority_topics))
                     async for message in client.messages:
                         payload = message.payload
                         if not isinstance(payload, bytes):
                             payload = str(payload).encode()
-                        self.inbox.put(LEAK, str(message.topic), payload)
+                        # Nothing goes before a leak: handle it here, not a loop turn later.
+                        self._handle(str(message.topic), payload)
             except (aiomqtt.MqttError, OSError, TimeoutError) as exc:
                 self._rl.warning("mqtt_safety_link_down", type(exc).__name__, error=str(exc)[:200])
             finally:
                 self.priority_connected = False
+                if self._priority_client is not None:
+                    self._client_gone(self._priority_client)
+                self._priority_client = None
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=delay * random.uniform(0.8, 1.2))
             delay = min(self.cfg.reconnect_max_s, delay * 2)
@@ -454,8 +467,9 @@ class MqttLink:
     async def _serve(self, client: ClientLike, stop: asyncio.Event) -> None:
         recv = asyncio.create_task(self._receive(client))
         dispatch = asyncio.create_task(self._dispatch())
-        states = asyncio.create_task(self._state_loop(client))
         stopping = asyncio.create_task(stop.wait())
+        self._main_client = client
+        self._state_wake.set()
         try:
             while True:
                 self._wake.clear()
@@ -472,47 +486,67 @@ class MqttLink:
                     recv.result()  # re-raise the disconnect
                     raise aiomqtt.MqttError("message loop ended")
         finally:
-            for task in (recv, dispatch, states, stopping):
+            self._main_client = None
+            self._client_gone(client)
+            for task in (recv, dispatch, stopping):
                 task.cancel()
             with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
                 await recv
-            for task in (dispatch, states):
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            with contextlib.suppress(asyncio.CancelledError):
+                await dispatch
 
-    async def _state_loop(self, client: ClientLike) -> None:
+    def _start_state_publish(self, topic: str) -> bool:
+        """Start publishing a dirty state topic unless one is in flight, refused or unconnected."""
+        client = self._priority_client or self._main_client
+        if client is None or topic in self._state_inflight:
+            return False
+        refused = self._state_refused.get(topic)
+        if refused is not None and time.monotonic() < refused[0]:
+            return False
+        task = asyncio.create_task(self._publish_state(client, topic))
+        self._state_inflight[topic] = (task, client)
+        task.add_done_callback(functools.partial(self._state_done, topic))
+        return True
+
+    def _state_done(self, topic: str, task: asyncio.Task[None]) -> None:
+        if self._state_inflight.get(topic, (None,))[0] is task:
+            del self._state_inflight[topic]
+        self._state_wake.set()
+
+    def _client_gone(self, client: ClientLike) -> None:
+        """A connection ended: its state publishes will never complete; send them again elsewhere."""
+        for topic, (task, used) in list(self._state_inflight.items()):
+            if used is client:
+                task.cancel()
+                del self._state_inflight[topic]
+        self._state_wake.set()
+
+    async def _state_loop(self) -> None:
         """Publish each changed state topic at once, never behind the outbox's acknowledgements.
 
-        One publish per topic is in flight at a time; a value set meanwhile goes next. A
-        refused one is retried with backoff; one lost with the connection stays dirty and
-        is sent again on the next connect.
+        State (the cap, status, alarms) goes out on the safety connection while it is up: its
+        PUBACKs do not queue behind a storm of incoming messages the way the main
+        connection's do (paho holds a QoS 1 publish back once 20 await their PUBACK), so
+        a leak's cap is not held up by a storm either. Otherwise it goes out on the main
+        connection. One publish per topic is in flight at a time; a value set meanwhile goes
+        next. A refused one is retried with backoff; one lost with its connection stays
+        dirty and is sent again on the next connection.
         """
-        inflight: dict[str, asyncio.Task[None]] = {}
-
-        def done(topic: str, _task: object) -> None:
-            inflight.pop(topic, None)
-            self._state_wake.set()
-
         try:
             while True:
                 self._state_wake.clear()
-                now = time.monotonic()
-                wait_s: float | None = None
                 for topic in list(self._dirty):
-                    if topic in inflight:
-                        continue
-                    refused = self._state_refused.get(topic)
-                    if refused is not None and now < refused[0]:
-                        wait_s = min(wait_s if wait_s is not None else math.inf, refused[0] - now)
-                        continue
-                    task = asyncio.create_task(self._publish_state(client, topic))
-                    inflight[topic] = task
-                    task.add_done_callback(functools.partial(done, topic))
+                    self._start_state_publish(topic)
+                now = time.monotonic()
+                retry = [
+                    r[0] - now for t, r in self._state_refused.items() if t in self._dirty and r[0] > now
+                ]
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._state_wake.wait(), timeout=wait_s)
+                    await asyncio.wait_for(self._state_wake.wait(), timeout=min(retry) if retry else None)
         finally:
-            for task in inflight.values():
+            for task, _ in self._state_inflight.values():
                 task.cancel()
+            self._state_inflight.clear()
 
     async def _publish_state(self, client: ClientLike, topic: str) -> None:
         msg = self._states[topic]
@@ -615,11 +649,13 @@ class MqttLink:
                 item = inbox.get_nowait()
                 if item is None:
                     break
-                _, topic, payload = item
-                for topic_filter, handler, _ in self._handlers:
-                    if topic_matches(topic_filter, topic):
-                        try:
-                            handler(topic, payload)
-                        except Exception:
-                            self._rl.exception("mqtt_handler_failed", topic_filter, topic=topic[:200])
+                self._handle(item[1], item[2])
             await asyncio.sleep(0)
+
+    def _handle(self, topic: str, payload: bytes) -> None:
+        for topic_filter, handler, _ in self._handlers:
+            if topic_matches(topic_filter, topic):
+                try:
+                    handler(topic, payload)
+                except Exception:
+                    self._rl.exception("mqtt_handler_failed", topic_filter, topic=topic[:200])

@@ -195,7 +195,11 @@ def run(port: int, rounds: int, storm: int, tree: Path | None, workdir: Path) ->
         c.disconnect()
         stormer.kill()
         agent.terminate()
-        agent.wait(10)
+        try:
+            agent.wait(20)
+        except subprocess.TimeoutExpired:
+            agent.kill()
+            agent.wait()
     return {
         "agent_tree": str(tree) if tree else "this checkout",
         "events": len(lat_ms),

@@ -303,5 +303,5 @@ def test_replay_is_rate_limited_and_live_goes_first(broker: Broker, tmp_path: Pa
     hist = [p["seq"] for p in tele if p["historical"]]
     assert hist == list(range(1, 201))  # in order, flagged
     assert not next(p for p in tele if p["seq"] == 201)["historical"]
-    assert rate < 150  # the limiter is on (100 msgs/s, burst one window)
+    assert rate < 200  # the limiter is on (100 msgs/s, burst one window; unlimited is thousands)
     print(f"replay rate {rate:.0f} msgs/s")
