@@ -16,7 +16,17 @@ from rackguard.agent import __version__
 EX_CONFIG = 78
 
 # Subcommand modules, in the order they appear in --help.
-COMMANDS = ("run", "check_config", "schema", "demo", "model", "bench", "sim_cdu", "restore_power_limits")
+COMMANDS = (
+    "run",
+    "gateway",
+    "check_config",
+    "schema",
+    "demo",
+    "model",
+    "bench",
+    "sim_cdu",
+    "restore_power_limits",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -103,14 +103,18 @@ class GateTracker:
     def in_flight(self, n_gpus: int) -> list[float | None]:
         """Requests in flight per GPU from fresh reports (None: no fresh gate covers that GPU).
 
-        A node-wide gate (``gpu`` null) is spread evenly over all GPUs.
+        A node-wide gate (``gpu`` null) is spread evenly over all GPUs, a gate over several
+        GPUs (``gpus``, a gateway's upstream) evenly over those.
         """
         out: list[float | None] = [None] * n_gpus
         for r in self.fresh():
-            if r.gpu is None:
-                targets, share = range(n_gpus), r.in_flight / max(n_gpus, 1)
+            if r.gpus is not None:
+                targets = [g for g in r.gpus if g < n_gpus]
+                share = r.in_flight / max(len(r.gpus), 1)
+            elif r.gpu is None:
+                targets, share = list(range(n_gpus)), r.in_flight / max(n_gpus, 1)
             elif r.gpu < n_gpus:
-                targets, share = range(r.gpu, r.gpu + 1), float(r.in_flight)
+                targets, share = [r.gpu], float(r.in_flight)
             else:
                 continue
             for i in targets:

@@ -1,0 +1,44 @@
+"""``rackguard gateway``: the OpenAI-compatible admission gateway (agent/gateway/)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+from pathlib import Path
+
+from rackguard.agent import log as logmod
+from rackguard.agent.commands.run import load_or_exit
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("gateway", help="run the OpenAI-compatible admission gateway")
+    p.add_argument("--config", type=Path, help="TOML config file, the agent's (its [gateway] section)")
+    p.set_defaults(func=main)
+
+
+async def serve(gateway: object) -> int:
+    """Run until SIGTERM or SIGINT."""
+    from rackguard.agent.gateway.server import Gateway
+
+    assert isinstance(gateway, Gateway)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await gateway.start()
+    try:
+        await stop.wait()
+    finally:
+        await gateway.close()
+    return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = load_or_exit(args.config)
+    if isinstance(cfg, int):
+        return cfg
+    logmod.configure(cfg.log.level, cfg.log.format)
+    from rackguard.agent.gateway.server import Gateway
+
+    return asyncio.run(serve(Gateway(cfg)))
