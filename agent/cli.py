@@ -19,6 +19,7 @@ EX_CONFIG = 78
 COMMANDS = (
     "run",
     "gateway",
+    "haproxy_follow",
     "check_config",
     "schema",
     "demo",

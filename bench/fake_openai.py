@@ -118,9 +118,8 @@ class FakeUpstream:
         for i in range(self.tokens):
             if self.token_interval_s:
                 await asyncio.sleep(self.token_interval_s)
-            c = dict(chunk, choices=[{"index": 0, "delta": {"content": "x"}, "finish_reason": None}])
-            if i == self.tokens - 1:
-                c["choices"][0]["finish_reason"] = "stop"
+            finish = "stop" if i == self.tokens - 1 else None
+            c = dict(chunk, choices=[{"index": 0, "delta": {"content": "x"}, "finish_reason": finish}])
             await resp.write(b"data: " + json.dumps(c).encode() + b"\n\n")
         opts = req.get("stream_options")
         if isinstance(opts, dict) and opts.get("include_usage"):
@@ -146,3 +145,69 @@ class FakeUpstream:
             "data": [{"id": "m", "object": "model", "created": 0, "owned_by": self.name}],
         }
         return web.json_response(out, headers={"x-upstream": self.name})
+
+
+_FAST_BODY = json.dumps(
+    {
+        "id": "c1",
+        "object": "chat.completion",
+        "created": 0,
+        "model": "m",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
+    }
+).encode()
+_FAST_RESPONSE = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+    + str(len(_FAST_BODY)).encode()
+    + b"\r\n\r\n"
+    + _FAST_BODY
+)
+
+
+class _FastProtocol(asyncio.Protocol):
+    """HTTP/1.1 keep-alive: every request gets the same small chat completion at once."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.t, self.buf = transport, b""
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while (end := self.buf.find(b"\r\n\r\n")) >= 0:
+            head = self.buf[:end].lower()
+            i = head.find(b"content-length:")
+            n = int(head[i + 15 :].split(b"\r\n", 1)[0]) if i >= 0 else 0
+            if len(self.buf) < end + 4 + n:
+                return
+            self.buf = self.buf[end + 4 + n :]
+            self.t.write(_FAST_RESPONSE)
+
+
+async def serve_fast(port: int = 0) -> asyncio.Server:
+    """The fastest upstream this machine can run: for throughput ceilings, not behaviour."""
+    return await asyncio.get_running_loop().create_server(_FastProtocol, "127.0.0.1", port, backlog=1024)
+
+
+def main() -> None:
+    """``python3 -m rackguard.bench.fake_openai --port P --fast-port Q``: serve until killed."""
+    import argparse
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--fast-port", type=int, required=True)
+    p.add_argument("--tokens", type=int, default=8)
+    p.add_argument("--token-interval-s", type=float, default=0.05)
+    a = p.parse_args()
+
+    async def run() -> None:
+        up = FakeUpstream("fake", tokens=a.tokens, token_interval_s=a.token_interval_s)
+        await up.start(a.port)
+        await serve_fast(a.fast_port)
+        await asyncio.Event().wait()
+
+    asyncio.run(run())
+
+
+if __name__ == "__main__":
+    main()

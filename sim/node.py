@@ -319,9 +319,9 @@ class SimServers:
                 report = GateReport.model_validate_json(payload)
                 # A gate over several GPUs (a gateway's upstream) loads each with its share.
                 gpus = report.gpus or ([] if report.gpu is None else [report.gpu])
-                for g in gpus:
-                    if g < len(self.counters):
-                        c = self.counters[g]
+                for index in gpus:
+                    if index < len(self.counters):
+                        c = self.counters[index]
                         c.external_in_flight = round(report.in_flight / len(gpus))
                         c.external_mono_s = time.monotonic()
             else:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import math
 import re
@@ -319,7 +320,7 @@ class Gateway:
                 rid,
                 time.time(),
                 rec.prompt_tokens + rec.completion_tokens if ok else 0,
-                lambda u, c=cls.name, up=up: self._energy_done(up, c, u),
+                functools.partial(self._energy_done, up, cls.name),
             )
             self._observe(rec, "ok" if ok else "error", up)
 

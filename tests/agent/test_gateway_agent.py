@@ -7,6 +7,7 @@ the gateway, the fake upstream and the official ``openai`` client run in the tes
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import subprocess
@@ -215,7 +216,7 @@ async def test_energy_adds_up_with_carbon_and_water(
         if not t["historical"] and t["gpus"][0]["energy_j"] is not None
     ]
     measured_j = sum(
-        e1 - e0 for (t0, e0), (t1, e1) in zip(points, points[1:], strict=False) if t1 > t_start and t0 < t_end
+        e1 - e0 for (t0, e0), (t1, e1) in itertools.pairwise(points) if t1 > t_start and t0 < t_end
     )
     attributed_j = sum(c.energy_j_total for c in u.counters.values())
     assert measured_j > 100  # the simulated H100 draws at least its idle 70 W
