@@ -259,6 +259,78 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+async def classes(seconds: float, fallback: bool) -> dict[str, Any]:
+    """Two classes over a limit of 4 (0.1 s requests): 40 high + 40 low closed-loop clients.
+
+    Returns per class: requests, p50/p99 queue wait (from the gateway's records), shed (429),
+    spilled, client-visible errors.
+    """
+    import aiohttp
+
+    from rackguard.agent import config as configmod
+    from rackguard.agent.gateway.server import Gateway
+    from rackguard.bench.fake_openai import FakeUpstream
+
+    up, fb = FakeUpstream("a", delay_s=0.1), FakeUpstream("fallback", delay_s=0.1)
+    await up.start()
+    await fb.start()
+    g: dict[str, Any] = {
+        "listen": "127.0.0.1:0",
+        "upstreams": [{"name": "a", "url": up.url, "gpus": [0]}],
+        "safe_cap": 4,
+        "classes": [
+            {"name": "high", "priority": 10, "max_queue_s": 1.0},
+            {"name": "low", "priority": 0, "max_queue_s": 0.5},
+        ],
+    }
+    if fallback:
+        g["fallback"] = {"url": fb.url}
+    cfg = configmod.validate({"mqtt": {"port": free_port()}, "http": {"port": 0}, "gateway": g})
+    gw = Gateway(cfg)
+    await gw.start()
+    waits: dict[str, list[float]] = {"high": [], "low": []}
+    status: dict[str, dict[int, int]] = {"high": {}, "low": {}}
+    stop = time.monotonic() + seconds
+    orig = gw._observe
+
+    def observe(rec: Any, outcome: str, u: Any) -> None:
+        if outcome == "ok":
+            waits[rec.cls.name].append(rec.queue_wait_s)
+        orig(rec, outcome, u)
+
+    gw._observe = observe  # type: ignore[method-assign]
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
+
+        async def client(cls: str) -> None:
+            while time.monotonic() < stop:
+                async with s.post(
+                    f"http://127.0.0.1:{gw.port}/v1/chat/completions",
+                    data=BODY,
+                    headers={"x-rackguard-class": cls, "Content-Type": "application/json"},
+                ) as r:
+                    await r.read()
+                    status[cls][r.status] = status[cls].get(r.status, 0) + 1
+                    if r.status == 429:
+                        await asyncio.sleep(0.05)
+
+        await asyncio.gather(*(client(c) for c in ("high", "low") for _ in range(40)))
+    out = {}
+    for c in ("high", "low"):
+        counters = gw.upstreams[0].counters[c]
+        out[c] = {
+            "ok": counters.completed_total,
+            "queue_wait_p50_s": pct(waits[c], 0.5),
+            "queue_wait_p99_s": pct(waits[c], 0.99),
+            "shed_429": counters.shed_total,
+            "spilled": counters.spilled_total,
+            "client_errors": sum(n for st, n in status[c].items() if st != 200),
+        }
+    await gw.close()
+    await up.close()
+    await fb.close()
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=3)
@@ -266,7 +338,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--conns", type=int, default=64, help="connections for the throughput phase")
     p.add_argument("--seconds", type=float, default=6.0, help="per path, per phase, per round")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--classes", action="store_true", help="only the two-class overload (in-process)")
     args = p.parse_args(argv)
+    if args.classes:
+        res = {f"fallback={fb}": asyncio.run(classes(args.seconds, fb)) for fb in (False, True)}
+        print(json.dumps(res, indent=1))
+        return 0
     out = asyncio.run(run(args))
     if args.json:
         print(json.dumps(out, indent=1))

@@ -207,6 +207,7 @@ class Gateway:
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
             timeout=aiohttp.ClientTimeout(total=g.upstream_timeout_s, sock_connect=g.connect_timeout_s),
             auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),  # a proxy keeps no cookies
         )
         self._runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
         await self._runner.setup()
