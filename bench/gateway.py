@@ -298,7 +298,7 @@ async def classes(seconds: float, fallback: bool) -> dict[str, Any]:
             waits[rec.cls.name].append(rec.queue_wait_s)
         orig(rec, outcome, u)
 
-    gw._observe = observe  # type: ignore[method-assign]
+    gw._observe = observe  # type: ignore[method-assign,assignment]
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
 
         async def client(cls: str) -> None:
