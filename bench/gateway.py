@@ -4,13 +4,15 @@ Usage: ``python3 -m rackguard.bench.gateway [--rounds 3] [--streams 200] [--json
 
 Processes: a fake OpenAI-compatible upstream (``bench/fake_openai.py``: an aiohttp server
 for streams and a raw asyncio one for small requests), the gateway (``rackguard gateway``,
-no broker: its limit is a large ``safe_cap``) pinned to CPU 0, HAProxy 2.x (one thread,
-pinned to CPU 0), and this load generator (raw asyncio HTTP/1.1 keep-alive clients).
+no broker: its limit is a large ``safe_cap``; one process per phase, each pinned to CPU 0),
+HAProxy 2.x (one thread), and this load generator (raw asyncio HTTP/1.1 keep-alive clients).
 Each round measures the three paths one after the other, so they share the machine's noise.
 
 * **Streams:** ``--streams`` concurrent SSE streams (8 tokens 50 ms apart) for ``--seconds``;
   time to first token and total latency per stream, p50/p99 per path. Added latency =
   path − direct, per round; the median over rounds is reported.
+* A bare aiohttp proxy (``aiohttp``: server + client, nothing else) is measured too: the
+  floor of the gateway's stack on this machine.
 * **Throughput:** ``--conns`` keep-alive connections sending small non-streamed chat
   completions as fast as they are answered, for ``--seconds``. Requests/s achieved, and
   the gateway's requests per CPU-second (its ceiling on one core, whatever else the
@@ -122,6 +124,7 @@ def haproxy_config(port: int, upstream: int, fast: int, sock: Path) -> str:
     stats socket {sock} mode 600 level admin
 defaults
     mode http
+    option http-no-delay
     timeout connect 5s
     timeout client 60s
     timeout server 60s
@@ -156,6 +159,36 @@ gpus = [0]
 """
 
 
+async def bare_proxy(port: int, upstream: int) -> None:
+    """The floor of the gateway's stack: an aiohttp server whose handler forwards with an aiohttp
+    client and returns the answer (no admission, streaming, telemetry or metrics)."""
+    import aiohttp
+    from aiohttp import web
+
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0), auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar()
+    )
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        async with session.post(f"http://127.0.0.1:{upstream}{request.path}", data=body) as up:
+            if up.content_type != "text/event-stream":
+                return web.Response(status=up.status, body=await up.read(), content_type=up.content_type)
+            resp = web.StreamResponse(status=up.status, headers={"Content-Type": up.content_type})
+            await resp.prepare(request)
+            async for chunk in up.content.iter_any():
+                await resp.write(chunk)
+            await resp.write_eof()
+            return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port, backlog=1024).start()
+    await asyncio.Event().wait()
+
+
 class Procs:
     """The upstream, two gateways (streams, fast) and HAProxy, stopped on exit."""
 
@@ -179,14 +212,20 @@ class Procs:
             cfg.write_text(gateway_toml(port, upstream))
             self.spawn([py, "-m", "rackguard.agent.cli", "gateway", "--config", str(cfg)], env, cpu=0)
         self.gateway_fast_pid = self.procs[-1].pid
+        self.bare_stream, self.bare_fast = free_port(), free_port()
+        for port, upstream in ((self.bare_stream, self.up), (self.bare_fast, self.fast)):
+            self.spawn(
+                [py, "-m", "rackguard.bench.gateway", "--bare-proxy", str(port), str(upstream)], env, cpu=0
+            )
+        self.bare_fast_pid = self.procs[-1].pid
         hcfg = tmp / "haproxy.cfg"
         hcfg.write_text(haproxy_config(self.hap, self.up, self.fast, tmp / "haproxy.sock"))
         haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
-        self.spawn([haproxy, "-f", str(hcfg), "-db"], env, cpu=0)
+        self.spawn([haproxy, "-f", str(hcfg), "-db"], env)  # nbthread 1: one core
 
-    def spawn(self, cmd: list[str], env: dict[str, str], cpu: int) -> None:
+    def spawn(self, cmd: list[str], env: dict[str, str], cpu: int | None = None) -> None:
         p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > cpu:
+        if cpu is not None and hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > cpu:
             os.sched_setaffinity(p.pid, {cpu})
         self.procs.append(p)
 
@@ -214,14 +253,17 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as d:
         procs = Procs(Path(d))
         try:
-            await wait_ready([procs.up, procs.fast, procs.gw_stream, procs.gw_fast, procs.hap, procs.hap + 1])
-            if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
-                os.sched_setaffinity(0, {1})
+            await wait_ready(
+                [procs.up, procs.fast, procs.gw_stream, procs.gw_fast, procs.hap, procs.hap + 1]
+                + [procs.bare_stream, procs.bare_fast]
+            )
+            bare = psutil.Process(procs.bare_fast_pid)
             gw = psutil.Process(procs.gateway_fast_pid)
             paths = {
                 "direct": (procs.up, procs.fast),
                 "gateway": (procs.gw_stream, procs.gw_fast),
                 "haproxy": (procs.hap, procs.hap + 1),
+                "aiohttp": (procs.bare_stream, procs.bare_fast),
             }
             rounds: list[dict[str, Any]] = []
             await streams(procs.gw_stream, 20, 1.0)  # warm up
@@ -229,11 +271,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 rnd: dict[str, Any] = {}
                 for name, (sport, fport) in paths.items():
                     ttft, total, failed = await streams(sport, args.streams, args.seconds)
-                    c0 = sum(gw.cpu_times()[:2])
+                    proc = bare if name == "aiohttp" else gw
+                    c0 = sum(proc.cpu_times()[:2])
                     t0 = time.monotonic()
                     ok, bad = await throughput(fport, args.conns, args.seconds)
                     wall = time.monotonic() - t0
-                    cpu = sum(gw.cpu_times()[:2]) - c0
+                    cpu = sum(proc.cpu_times()[:2]) - c0
                     rnd[name] = {
                         "streams": len(total),
                         "stream_failures": failed,
@@ -244,16 +287,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         "rps": ok / wall,
                         "non_200": bad,
                     }
-                    if name == "gateway":
+                    if name in ("gateway", "aiohttp"):
                         rnd[name]["rps_per_cpu_s"] = ok / cpu if cpu > 0 else float("nan")
                 rounds.append(rnd)
         finally:
             procs.close()
     out: dict[str, Any] = {"rounds": rounds, "median": {}}
-    for name in ("direct", "gateway", "haproxy"):
+    for name in ("direct", "gateway", "haproxy", "aiohttp"):
         keys = rounds[0][name].keys()
         out["median"][name] = {k: statistics.median(r[name][k] for r in rounds) for k in keys}
-    for name in ("gateway", "haproxy"):
+    for name in ("gateway", "haproxy", "aiohttp"):
         for k in ("ttft_p50_ms", "ttft_p99_ms", "latency_p50_ms", "latency_p99_ms"):
             out["median"][name][f"added_{k}"] = statistics.median(r[name][k] - r["direct"][k] for r in rounds)
     return out
@@ -339,7 +382,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=6.0, help="per path, per phase, per round")
     p.add_argument("--json", action="store_true")
     p.add_argument("--classes", action="store_true", help="only the two-class overload (in-process)")
+    p.add_argument("--bare-proxy", nargs=2, type=int, metavar=("PORT", "UPSTREAM"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.bare_proxy:
+        asyncio.run(bare_proxy(*args.bare_proxy))
+        return 0
     if args.classes:
         res = {f"fallback={fb}": asyncio.run(classes(args.seconds, fb)) for fb in (False, True)}
         print(json.dumps(res, indent=1))
@@ -370,7 +417,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{name:8} {m['ttft_p50_ms']:9.2f} {m['ttft_p99_ms']:9.2f} {m['latency_p50_ms']:9.2f} "
             f"{m['latency_p99_ms']:9.2f} {m['rps']:8.0f}{added}"
         )
-    print(f"gateway: {med['gateway']['rps_per_cpu_s']:.0f} requests per CPU-second (its one-core ceiling)")
+    print(
+        f"requests per CPU-second (one-core ceiling): gateway {med['gateway']['rps_per_cpu_s']:.0f}, "
+        f"bare aiohttp proxy {med['aiohttp']['rps_per_cpu_s']:.0f}"
+    )
     return 0
 
 

@@ -391,20 +391,28 @@ class Gateway:
     ) -> tuple[web.StreamResponse, bool]:
         resp = web.StreamResponse(status=200, headers=headers)
         await resp.prepare(request)
-        event: list[bytes] = []
+        transport = request.transport
+        high_water = transport.get_write_buffer_limits()[1] if transport is not None else 0
         write_timeout_s = self.g.write_timeout_s
+        buf = b""
         try:
-            async for line in up.content:
-                event.append(line)
-                if line not in (b"\n", b"\r\n"):
+            async for chunk in up.content.iter_any():
+                buf = buf + chunk if buf else chunk
+                if b"\r\n" in buf:
+                    buf = buf.replace(b"\r\n", b"\n")
+                if b"\n\n" not in buf:
                     continue
-                out = self._event(b"".join(event), rec, strip_usage)
-                event.clear()
-                if out:
+                *events, buf = buf.split(b"\n\n")
+                out = b"".join(e for e in (self._event(ev + b"\n\n", rec, strip_usage) for ev in events) if e)
+                if not out:
+                    continue
+                if transport is not None and transport.get_write_buffer_size() + len(out) + 64 < high_water:
+                    await resp.write(out)  # cannot wait: the transport stays below its pause mark
+                else:
                     async with asyncio.timeout(write_timeout_s):
-                        await resp.write(out)
-            if event:
-                await resp.write(b"".join(event))
+                        await resp.write(out)  # a client that reads nothing is dropped
+            if buf:
+                await resp.write(buf)
             await resp.write_eof()
         except (ConnectionError, TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError):
             return resp, False  # the client left, stalled, or the upstream broke mid-stream
@@ -412,6 +420,10 @@ class Gateway:
 
     def _event(self, ev: bytes, rec: _Req, strip_usage: bool) -> bytes | None:
         """Look at one SSE event (first token, usage); None drops it (the usage chunk we asked for)."""
+        if rec.ttft_s is not None and (
+            b'"usage"' not in ev or b'"usage":null' in ev or b'"usage": null' in ev
+        ):
+            return ev  # the common case: nothing to learn, no JSON to parse
         start = ev.find(b"data:")
         if start < 0:
             return ev
