@@ -253,10 +253,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as d:
         procs = Procs(Path(d))
         try:
-            await wait_ready(
-                [procs.up, procs.fast, procs.gw_stream, procs.gw_fast, procs.hap, procs.hap + 1]
-                + [procs.bare_stream, procs.bare_fast]
-            )
+            ports = [procs.up, procs.fast, procs.gw_stream, procs.gw_fast, procs.hap, procs.hap + 1]
+            await wait_ready([*ports, procs.bare_stream, procs.bare_fast])
             bare = psutil.Process(procs.bare_fast_pid)
             gw = psutil.Process(procs.gateway_fast_pid)
             paths = {

@@ -6,9 +6,13 @@ import argparse
 import asyncio
 import signal
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rackguard.agent import log as logmod
 from rackguard.agent.commands.run import load_or_exit
+
+if TYPE_CHECKING:
+    from rackguard.agent.gateway.server import Gateway
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -17,11 +21,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(func=main)
 
 
-async def serve(gateway: object) -> int:
+async def serve(gateway: Gateway) -> int:
     """Run until SIGTERM or SIGINT."""
-    from rackguard.agent.gateway.server import Gateway
-
-    assert isinstance(gateway, Gateway)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

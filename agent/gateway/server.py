@@ -270,8 +270,11 @@ class Gateway:
             self.metrics.bad_requests.inc()
             return ci
         try:
-            async with asyncio.timeout(self.g.body_timeout_s):
-                body = await request.read()
+            if request.content.is_eof():
+                body = await request.read()  # all here already (the common case): nothing to time
+            else:
+                async with asyncio.timeout(self.g.body_timeout_s):
+                    body = await request.read()
         except TimeoutError:
             self.metrics.bad_requests.inc()
             return _error(408, "request body not received in time", "invalid_request_error")

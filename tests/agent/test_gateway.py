@@ -312,5 +312,6 @@ async def test_10000_requests_past_the_queue_bound_get_429_memory_bounded() -> N
             for t in hold:
                 t.cancel()
         await gw.close()
+        print(f"10,000 requests past the queue bound: {statuses}, RSS grew {grown_mb:.1f} MiB")
         assert statuses == {429: 10_000}
         assert gw.upstreams[0].adm.waiting <= 10 and grown_mb < 50, grown_mb

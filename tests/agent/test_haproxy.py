@@ -143,7 +143,8 @@ def test_maxconn_follows_the_cap_and_safe_cap_after_the_agent_dies(
         ceiling(3)
         until(lambda: maxconn() == (3, 3), 10)
         ceiling(2)
-        until(lambda: maxconn() == (2, 2), 5)
+        took_s = until(lambda: maxconn() == (2, 2), 5)
+        print(f"haproxy maxconn follows a ceiling of 2 in {took_s * 1000:.0f} ms")
         # A clean stop: safe_cap.
         procs[0].send_signal(signal.SIGTERM)
         assert procs[0].wait(20) == 0
@@ -154,6 +155,7 @@ def test_maxconn_follows_the_cap_and_safe_cap_after_the_agent_dies(
         until(lambda: maxconn() == (4, 4), 20)
         procs[0].kill()
         took_s = until(lambda: maxconn() == (1, 1), 10)
+        print(f"haproxy maxconn = safe_cap {took_s * 1000:.0f} ms after SIGKILL (keepalive {KEEPALIVE_S} s)")
         assert took_s <= 1.5 * KEEPALIVE_S, took_s
     finally:
         for p in procs:
