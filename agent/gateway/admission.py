@@ -46,6 +46,7 @@ class Admission:
         self.queues: list[deque[_Waiter]] = [deque() for _ in classes]
         self.waiting = 0
         self.max_admitted_over_limit = 0  # stays 0: an admission never exceeds the limit
+        self.service_s = 0.0  # moving average of how long a request holds its slot (0: none yet)
         self._seq = 0
 
     def set_limit(self, limit: int) -> None:
@@ -108,6 +109,19 @@ class Admission:
         with contextlib.suppress(ValueError):
             self.queues[c].remove(w)
             self.waiting -= 1
+
+    def expected_wait_s(self, c: int) -> float:
+        """How long a request of class ``c`` arriving now should wait: the requests queued at its
+        priority or higher, plus itself, over the limit, times the average time a slot is held.
+        0 while nothing has been served yet (no estimate) or when there is room now."""
+        if not self.service_s or (self.waiting == 0 and self._admissible(c)):
+            return 0.0
+        ahead = sum(len(self.queues[k]) for k in self.order if self.priority[k] >= self.priority[c])
+        return (ahead + 1) * self.service_s / max(self.limit, 1) if self.limit else float("inf")
+
+    def served(self, held_s: float) -> None:
+        """A request held its slot ``held_s`` seconds (feeds :meth:`expected_wait_s`)."""
+        self.service_s = held_s if not self.service_s else 0.9 * self.service_s + 0.1 * held_s
 
     def release(self, c: int) -> None:
         """Free a slot taken by :meth:`acquire` or :meth:`try_admit`."""

@@ -3,8 +3,9 @@
 Per request: classify (API key, else the class header, else the default class), read
 the body (bounded in size and time), pick the upstream with the most room, wait for a
 slot in its priority queue (at most the class's ``max_queue_s``), then proxy. A request
-that would wait longer, or that finds the queue full, is spilled to the fallback when
-there is one and shed with 429 + ``Retry-After`` otherwise. While the cap's reason is a
+whose expected wait (the requests ahead of it over the limit, times the average time a
+slot is held) exceeds ``max_queue_s``, that finds the queue full, or that waited that long,
+is spilled to the fallback when there is one and shed with 429 + ``Retry-After`` otherwise. While the cap's reason is a
 safety reason (leak, thermal, stale, lost GPU) every request goes to the fallback.
 
 Streams pass through event by event; the gateway asks for ``stream_options.include_usage``
@@ -310,6 +311,10 @@ class Gateway:
             queued = sum(u.adm.waiting for u in self.upstreams)
             if queued >= self.g.max_queue:
                 return await self._overflow(request, body, rec, strip_usage, up, "queue full")
+            if (expected_s := up.adm.expected_wait_s(ci)) > cls.max_queue_s:
+                return await self._overflow(
+                    request, body, rec, strip_usage, up, "queue wait too long", expected_s
+                )
             if not await up.adm.acquire(ci, cls.max_queue_s):
                 return await self._overflow(request, body, rec, strip_usage, up, "queue wait too long")
         rec.queue_wait_s = time.monotonic() - arrive
@@ -319,6 +324,8 @@ class Gateway:
             resp, ok = await self._forward(request, up.url, body, rec, strip_usage)
             return resp
         finally:
+            if ok:
+                up.adm.served(time.monotonic() - rec.arrive_mono - rec.queue_wait_s)
             up.adm.release(ci)
             up.ledger.finish(
                 rid,
@@ -329,12 +336,20 @@ class Gateway:
             self._observe(rec, "ok" if ok else "error", up)
 
     async def _overflow(
-        self, request: web.Request, body: bytes, rec: _Req, strip_usage: bool, up: Upstream | None, why: str
+        self,
+        request: web.Request,
+        body: bytes,
+        rec: _Req,
+        strip_usage: bool,
+        up: Upstream | None,
+        why: str,
+        expected_s: float | None = None,
     ) -> web.StreamResponse:
         if self.fallback_url:
             return await self._spill(request, body, rec, strip_usage, up, why)
         self._observe(rec, "shed", up)
-        retry_s = max(1, math.ceil(rec.cls.max_queue_s))
+        wait_s = expected_s if expected_s is not None and math.isfinite(expected_s) else rec.cls.max_queue_s
+        retry_s = max(1, min(math.ceil(wait_s), 3600))
         return _error(
             429,
             f"over capacity ({why}) for class {rec.cls.name}",

@@ -315,3 +315,40 @@ async def test_10000_requests_past_the_queue_bound_get_429_memory_bounded() -> N
         print(f"10,000 requests past the queue bound: {statuses}, RSS grew {grown_mb:.1f} MiB")
         assert statuses == {429: 10_000}
         assert gw.upstreams[0].adm.waiting <= 10 and grown_mb < 50, grown_mb
+
+
+async def test_admission_orders_by_priority_then_arrival_and_estimates_the_wait() -> None:
+    from rackguard.agent.config import GatewayClass
+    from rackguard.agent.gateway.admission import Admission
+
+    cls = [
+        GatewayClass(name="lo", priority=0, max_queue_s=10),
+        GatewayClass(name="hi", priority=5, max_queue_s=10),
+        GatewayClass(name="hi2", priority=5, max_queue_s=10),
+    ]
+    adm = Admission(cls, limit=1)
+    assert adm.try_admit(0)
+    order: list[str] = []
+    held = [0]  # class of each slot taken, oldest first
+
+    async def wait(c: int, tag: str) -> None:
+        assert await adm.acquire(c, 5)
+        order.append(tag)
+        held.append(c)
+
+    tasks = []
+    for c, tag in [(0, "lo1"), (1, "hi1"), (2, "hi2-a"), (0, "lo2"), (1, "hi1-b")]:
+        tasks.append(asyncio.create_task(wait(c, tag)))
+        await asyncio.sleep(0)
+    await asyncio.sleep(0.01)
+    assert adm.expected_wait_s(1) == 0.0  # nothing served yet: no estimate
+    adm.served(0.2)
+    assert adm.expected_wait_s(1) == pytest.approx((3 + 1) * 0.2)  # three queued at priority 5, then itself
+    assert adm.expected_wait_s(0) == pytest.approx((5 + 1) * 0.2)  # everyone is ahead of a low request
+    for _ in range(5):
+        adm.release(held.pop(0))
+        await asyncio.sleep(0.01)
+    await asyncio.gather(*tasks)
+    assert order == ["hi1", "hi2-a", "hi1-b", "lo1", "lo2"]  # priority, then arrival across equal classes
+    adm.set_limit(0)
+    assert adm.expected_wait_s(1) == float("inf")
