@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rackguard.agent import log as logmod
+from rackguard.agent.cli import EX_CONFIG
 from rackguard.agent.commands.run import load_or_exit
 
 if TYPE_CHECKING:
@@ -27,6 +29,10 @@ async def serve(gateway: Gateway) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # Every [gateway] key needs a restart (README reload table): SIGHUP must not kill it.
+    loop.add_signal_handler(
+        signal.SIGHUP, lambda: gateway.log.warning("reload_unsupported", reason="restart")
+    )
     await gateway.start()
     try:
         await stop.wait()
@@ -42,4 +48,9 @@ def main(args: argparse.Namespace) -> int:
     logmod.configure(cfg.log.level, cfg.log.format)
     from rackguard.agent.gateway.server import Gateway
 
-    return asyncio.run(serve(Gateway(cfg)))
+    try:
+        gateway = Gateway(cfg)
+    except (OSError, ValueError) as exc:  # the API keys file: unreadable, or a bad line
+        print(f"config error: gateway.api_keys_file: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    return asyncio.run(serve(gateway))

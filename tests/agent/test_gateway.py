@@ -352,3 +352,31 @@ async def test_admission_orders_by_priority_then_arrival_and_estimates_the_wait(
     assert order == ["hi1", "hi2-a", "hi1-b", "lo1", "lo2"]  # priority, then arrival across equal classes
     adm.set_limit(0)
     assert adm.expected_wait_s(1) == float("inf")
+
+
+def test_gateway_command_exits_78_naming_the_bad_key(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    keys = tmp_path / "keys"
+    keys.write_text("k1 nosuchclass\n")
+    bad = {
+        "a.toml": ('[gateway]\nlisten = "nowhere"\n', "gateway.listen"),
+        "b.toml": (f'[gateway]\napi_keys_file = "{keys}"\n', "gateway.api_keys_file"),
+        "c.toml": (
+            '[[gateway.classes]]\nname = "x"\npriority = 1\nmax_queue_s = -1\n',
+            "gateway.classes[0].max_queue_s",
+        ),
+    }
+    for name, (text, key) in bad.items():
+        (tmp_path / name).write_text(text)
+        r = subprocess.run(
+            [sys.executable, "-m", "rackguard.agent.cli", "gateway", "--config", str(tmp_path / name)],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=60,
+        )
+        assert r.returncode == 78 and key in r.stderr, (name, r.stderr)
