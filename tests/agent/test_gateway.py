@@ -380,3 +380,27 @@ def test_gateway_command_exits_78_naming_the_bad_key(tmp_path: Path) -> None:
             timeout=60,
         )
         assert r.returncode == 78 and key in r.stderr, (name, r.stderr)
+
+
+async def test_upstream_timeout_504_slot_freed_and_carbon_topic_bounded() -> None:
+    up = FakeUpstream("slow", delay_s=3.0)
+    async with fakes(up), running(gw_config([up], upstream_timeout_s=0.3)) as gw:
+        c = client(gw)
+        with pytest.raises(openai.APIStatusError) as e:
+            await c.chat.completions.create(model="m", messages=MSG)
+        assert e.value.status_code == 504
+        await c.close()
+        assert gw.upstreams[0].adm.in_flight == 0
+        for _ in range(100):
+            if up.in_flight == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert up.in_flight == 0 and up.cancelled == 1  # the upstream request was abandoned, not left running
+        # The grid's carbon intensity from MQTT: a number or {"g_per_kwh": ...}, bounded.
+        gw.handle_carbon(b'{"g_per_kwh": 250}')
+        assert gw.carbon_g_per_kwh == 250.0
+        for bad in (b"-5", b"nan", b'"x"', b"1e9", b"{}", b"[1]"):
+            gw.handle_carbon(bad)
+        assert gw.carbon_g_per_kwh == 250.0 and gw.rejected_total == 6
+        gw.handle_carbon(b"410.5")
+        assert gw.carbon_g_per_kwh == 410.5

@@ -168,7 +168,7 @@ async def test_cap_obeyed_ceiling_within_1s_safe_cap_after_sigkill(
         up.max_in_flight = up.in_flight
         await asyncio.sleep(1.5)
         assert up.max_in_flight == 2 and not errors
-        assert u.adm.max_admitted_over_limit == 0
+        assert u.adm.max_admitted_over_limit == 0 and up.cancelled == 0  # the drop cancelled nothing
         # 3. SIGKILL the agent: its will (status offline) brings safe_cap within 1.5 × keepalive.
         t0 = time.monotonic()
         agent.kill()
