@@ -81,7 +81,7 @@ MSG = [{"role": "user", "content": "hi"}]
 
 async def test_openai_client_stream_and_not_usage_hidden_headers_and_models() -> None:
     up = FakeUpstream("a", tokens=5, token_interval_s=0.01)
-    async with fakes(up), running(gw_config([up])) as gw:
+    async with fakes(up), running(gw_config([up], model_params={"m": 1e9})) as gw:
         c = client(gw)
         r = await c.chat.completions.create(model="m", messages=MSG)
         assert (
@@ -116,6 +116,10 @@ async def test_openai_client_stream_and_not_usage_hidden_headers_and_models() ->
         assert 'rackguard_gateway_requests_total{cls="default",outcome="ok"} 5.0' in body
         assert 'rackguard_gateway_tokens_total{cls="default",kind="completion"} 20.0' in body
         assert "rackguard_gateway_time_per_output_token_seconds_count" in body
+        m = gw.metrics
+        tokens = sum(m.tokens.labels("default", k)._value.get() for k in ("prompt", "completion"))
+        emb_tokens = 3  # the embeddings request names model "e", which has no parameter count
+        assert m.flops.labels("default")._value.get() == 2 * 1e9 * (tokens - emb_tokens)
 
 
 def classes(**extra: Any) -> list[dict[str, Any]]:
