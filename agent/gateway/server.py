@@ -284,7 +284,7 @@ class Gateway:
             return _error(413, f"request body over {self.g.max_body_bytes} bytes", "invalid_request_error")
         try:
             obj = json.loads(body)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
             self.metrics.bad_requests.inc()
             return _error(400, f"request body is not valid JSON: {str(exc)[:200]}", "invalid_request_error")
         if not isinstance(obj, dict):

@@ -226,10 +226,11 @@ async def test_upstream_down_502_slot_freed_and_api_key_class(tmp_path: Path) ->
 
 async def test_bad_input_clear_errors() -> None:
     up = FakeUpstream("a")
-    async with fakes(up), running(gw_config([up], max_body_bytes=2048, classes=classes())) as gw:
+    async with fakes(up), running(gw_config([up], max_body_bytes=4096, classes=classes())) as gw:
         base = f"http://127.0.0.1:{gw.port}"
         async with aiohttp.ClientSession() as s:
-            for body, want in [(b"{not json", 400), (b"[1, 2]", 400), (b"x" * 4096, 413)]:
+            deep = b"[" * 2000 + b"]" * 2000  # nested past Python's recursion limit, under the size limit
+            for body, want in [(b"{not json", 400), (b"[1, 2]", 400), (b"x" * 8192, 413), (deep, 400)]:
                 async with s.post(base + "/v1/chat/completions", data=body) as r:
                     assert r.status == want, body[:20]
                     err = (await r.json())["error"]
@@ -238,7 +239,7 @@ async def test_bad_input_clear_errors() -> None:
                 base + "/v1/chat/completions", json={"model": "m"}, headers={"x-rackguard-class": "vip"}
             ) as r:
                 assert r.status == 400 and "unknown class" in (await r.json())["error"]["message"]
-        assert up.requests == 0 and gw.metrics.bad_requests._value.get() == 4
+        assert up.requests == 0 and gw.metrics.bad_requests._value.get() == 5
 
 
 async def test_slow_client_and_disconnect_free_their_slots() -> None:
