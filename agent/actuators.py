@@ -3,6 +3,8 @@
 * :class:`CapPublisher`: the retained ``.../cap`` message the inference servers obey.
 * :class:`PowerLimitSink`: the optional NVML power-limit writer (off the event loop,
   retried until it lands, loud in ``/healthz`` while it fails).
+* :class:`HaproxySink`: the optional HAProxy actuator (``[actuators.haproxy]``): each
+  server's ``maxconn`` follows its GPUs' caps, and ``safe_cap`` when the agent stops.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ import time
 from typing import Any, Protocol, get_args
 
 from rackguard.agent import log as logmod
-from rackguard.agent.config import Config
+from rackguard.agent.config import Config, HaproxyConfig
 from rackguard.agent.control_loop import ControlLoop
+from rackguard.agent.haproxy import HaproxyError, HaproxyRuntime, maxconns
 from rackguard.agent.messages import Cap, NodeId, dump
 from rackguard.agent.metrics import Metrics
 from rackguard.agent.mqtt import MqttLink, Topics
@@ -235,3 +238,67 @@ class PowerLimitSink:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._task, 2.0)
         await asyncio.to_thread(self.actuator.restore)  # errors are logged there
+
+
+class HaproxySink:
+    """Sets each HAProxy server's ``maxconn`` to its GPUs' caps, off the loop, on change.
+
+    A failed write is retried every ``RETRY_S`` (and reported by :meth:`problems`).
+    ``close`` writes ``safe_cap`` per GPU: with no agent there is no valid cap.
+    """
+
+    RETRY_S = 2.0
+
+    def __init__(self, cfg: HaproxyConfig, safe_cap: int) -> None:
+        self.cfg, self.safe_cap = cfg, safe_cap
+        self.runtime = HaproxyRuntime(cfg.socket, cfg.timeout_s)
+        self.error: str | None = None
+        self.written: dict[str, int] | None = None
+        self._retry_mono = 0.0
+        self._pending: dict[str, int] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.log = logmod.get("haproxy")
+
+    def reconfigure(self, cfg: Config) -> None:
+        self.safe_cap = cfg.control.safe_cap
+
+    def apply(self, decision: Decision, *, force: bool = False) -> None:
+        want = maxconns(self.cfg, decision.caps, self.safe_cap)
+        retry = self.error is not None and time.monotonic() >= self._retry_mono
+        if want != self.written or retry or force:
+            self._pending = want
+            if self._task is None or self._task.done():
+                self._task = asyncio.get_running_loop().create_task(self._writer())
+
+    async def _writer(self) -> None:
+        while (want := self._pending) is not None:
+            self._pending = None
+            try:
+                await asyncio.to_thread(self._write, want)
+            except HaproxyError as exc:
+                if self.error != str(exc):
+                    self.log.error("haproxy_write_failed", error=str(exc))
+                self.error = str(exc)
+                self._retry_mono = time.monotonic() + self.RETRY_S
+
+    def _write(self, want: dict[str, int]) -> None:
+        for server, n in want.items():
+            if self.written is None or self.written.get(server) != n:
+                self.runtime.set_maxconn(self.cfg.backend, server, n)
+                self.written = {**(self.written or {}), server: n}
+        if self.error is not None:
+            self.log.info("haproxy_write_recovered")
+        self.error = None
+        self.log.debug("haproxy_maxconn", backend=self.cfg.backend, maxconn=want)
+
+    def problems(self) -> list[str]:
+        return [] if self.error is None else [f"haproxy maxconn write failed: {self.error}"]
+
+    async def close(self) -> None:
+        if self._task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._task, 2.0)
+        try:
+            await asyncio.to_thread(self._write, maxconns(self.cfg, None, self.safe_cap))
+        except HaproxyError as exc:
+            self.log.error("haproxy_safe_cap_failed", error=str(exc))

@@ -18,6 +18,8 @@ EX_CONFIG = 78
 # Subcommand modules, in the order they appear in --help.
 COMMANDS = (
     "run",
+    "gateway",
+    "haproxy_follow",
     "check_config",
     "schema",
     "demo",

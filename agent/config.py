@@ -550,11 +550,30 @@ class GateConfig(_Section):
 
 
 class EnergyConfig(_Section):
-    """Energy per token (GPU energy counters over gate-reported tokens)."""
+    """Energy per token (GPU energy counters over gate-reported tokens), and its carbon and water."""
 
-    RELOAD: ClassVar[dict[str, Reload]] = {"pue": LIVE}
+    RELOAD: ClassVar[dict[str, Reload]] = {
+        "pue": LIVE,
+        "grid_carbon_g_per_kwh": RESTART,
+        "grid_carbon_topic": RESTART,
+        "wue_l_per_kwh": RESTART,
+    }
 
     pue: float = Field(default=1.2, ge=1.0, le=5.0, description="facility power usage effectiveness")
+    grid_carbon_g_per_kwh: float | None = Field(
+        default=None, ge=0, le=5000, description="grid carbon intensity (the gateway's carbon per request)"
+    )
+    grid_carbon_topic: Annotated[str, Field(min_length=1, max_length=256)] | None = Field(
+        default=None,
+        description="MQTT topic carrying the grid's carbon intensity (a number, or JSON with "
+        "g_per_kwh); overrides grid_carbon_g_per_kwh once a valid value arrives",
+    )
+    wue_l_per_kwh: float | None = Field(
+        default=None,
+        ge=0,
+        le=100,
+        description="site water usage effectiveness (the gateway's water per request)",
+    )
 
 
 class CommandsConfig(_Section):
@@ -627,6 +646,159 @@ class PowerLimitsConfig(_Section):
         return Path(state or "/var/lib/rackguard") / path
 
 
+class GatewayUpstream(_Section):
+    """One OpenAI-compatible server behind the gateway."""
+
+    name: TopicSafe
+    url: Annotated[str, Field(pattern=r"^https?://[^\s/]+(/\S*)?$", max_length=512)]
+    gpus: list[Annotated[int, Field(ge=0, le=1024)]] = Field(
+        min_length=1, description="the GPU indices this upstream runs on: its limit is the sum of their caps"
+    )
+
+
+class GatewayClass(_Section):
+    """A workload class: the queue is ordered by priority (higher first), then by arrival."""
+
+    name: TopicSafe
+    priority: int = Field(ge=-1000, le=1000)
+    max_queue_s: float = Field(gt=0, le=3600, description="a longer wait is shed (429) or spilled")
+    reserved_share: float | None = Field(
+        default=None, ge=0, le=1, description="share of each upstream's limit only this class may use"
+    )
+    slo_ttft_s: float | None = Field(default=None, gt=0, le=3600, description="time-to-first-token SLO")
+    slo_latency_s: float | None = Field(default=None, gt=0, le=36_000, description="total latency SLO")
+
+
+class GatewayFallback(_Section):
+    """Where shed requests go (an air-cooled pool, a remote endpoint), and everything during a leak."""
+
+    url: Annotated[str, Field(pattern=r"^https?://[^\s/]+(/\S*)?$", max_length=512)]
+
+
+def _default_classes() -> list[GatewayClass]:
+    return [GatewayClass(name="default", priority=0, max_queue_s=30.0)]
+
+
+class GatewayConfig(_Section):
+    """``rackguard gateway``: the OpenAI-compatible admission gateway (agent/gateway/)."""
+
+    RELOAD: ClassVar[dict[str, Reload]] = {
+        f: RESTART
+        for f in (
+            "listen",
+            "upstreams",
+            "classes",
+            "class_header",
+            "default_class",
+            "api_keys_file",
+            "fallback",
+            "safe_cap",
+            "max_queue",
+            "max_body_bytes",
+            "body_timeout_s",
+            "connect_timeout_s",
+            "upstream_timeout_s",
+            "write_timeout_s",
+            "model_params",
+            "gateway_id",
+            "cap_url",
+            "report_period_s",
+            "mqtt_username",
+            "mqtt_password_file",
+        )
+    }
+
+    listen: Annotated[str, Field(pattern=r"^\[?[A-Za-z0-9_.:-]*\]?:\d{1,5}$")] = "127.0.0.1:8000"
+    upstreams: list[GatewayUpstream] = Field(default_factory=list)
+    classes: list[GatewayClass] = Field(default_factory=_default_classes, min_length=1, max_length=16)
+    class_header: Annotated[str, Field(pattern=r"^[A-Za-z0-9-]{1,64}$")] = "x-rackguard-class"
+    default_class: str | None = Field(default=None, description="default: the lowest-priority class")
+    api_keys_file: Path | None = Field(
+        default=None,
+        description="lines 'API_KEY CLASS': a bearer key's class wins over the class header; "
+        "relative paths live in $CREDENTIALS_DIRECTORY",
+    )
+    fallback: GatewayFallback | None = None
+    safe_cap: int | None = Field(
+        default=None, ge=0, le=100_000, description="per GPU; default control.safe_cap"
+    )
+    max_queue: int = Field(default=1000, ge=0, le=1_000_000, description="requests waiting, all classes")
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=1024**3)
+    body_timeout_s: float = Field(default=30.0, gt=0, le=3600, description="to receive a request's body")
+    connect_timeout_s: float = Field(default=5.0, gt=0, le=600)
+    upstream_timeout_s: float = Field(default=600.0, gt=0, le=86_400, description="a whole upstream call")
+    write_timeout_s: float = Field(
+        default=30.0, gt=0, le=3600, description="a client that reads nothing this long is dropped"
+    )
+    model_params: dict[Annotated[str, Field(max_length=256)], Annotated[float, Field(gt=0, le=1e15)]] = Field(
+        default_factory=dict, description="parameters per model name, for FLOPs = 2 × params × tokens"
+    )
+    gateway_id: TopicSafe | None = Field(default=None, description="default: gw-<host>")
+    cap_url: Annotated[str, Field(pattern=r"^https?://\S+$")] | None = Field(
+        default=None, description="the agent's /v1/cap while the broker is unreachable; default from [http]"
+    )
+    report_period_s: float = Field(default=1.0, ge=0.1, le=60, description="gate reports to the agent")
+    mqtt_username: str | None = Field(default=None, description="default: mqtt.username")
+    mqtt_password_file: Path | None = Field(default=None, description="default: mqtt.password_file")
+
+    @field_validator("api_keys_file", "mqtt_password_file")
+    @classmethod
+    def _secret_readable(cls, v: Path | None) -> Path | None:
+        return _readable_secret(v)
+
+    @model_validator(mode="after")
+    def _checks(self) -> GatewayConfig:
+        for attr, items in (("upstreams", self.upstreams), ("classes", self.classes)):
+            names = [x.name for x in items]
+            if len(set(names)) != len(names):
+                raise ValueError(f"two {attr} have the same name")
+        if self.default_class is not None and self.default_class not in {c.name for c in self.classes}:
+            raise ValueError(f"default_class {self.default_class!r} is not a class")
+        if sum(c.reserved_share or 0.0 for c in self.classes) > 1.0:
+            raise ValueError("classes' reserved_share add up to more than 1")
+        if self.mqtt_password_file is not None and self.mqtt_username is None:
+            raise ValueError("mqtt_password_file needs mqtt_username")
+        return self
+
+    def api_keys(self) -> dict[str, str]:
+        """API key → class, read from ``api_keys_file`` now (raises ValueError naming a bad line)."""
+        if self.api_keys_file is None:
+            return {}
+        classes = {c.name for c in self.classes}
+        out: dict[str, str] = {}
+        for n, line in enumerate(self.api_keys_file.read_text(encoding="utf-8").splitlines(), 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            parts = line.split()
+            if len(parts) != 2 or parts[1] not in classes:
+                raise ValueError(f"{self.api_keys_file}:{n}: want 'API_KEY CLASS' with a known class")
+            out[parts[0]] = parts[1]
+        return out
+
+
+class HaproxyServer(_Section):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
+    gpus: list[Annotated[int, Field(ge=0, le=1024)]] = Field(min_length=1)
+
+
+class HaproxyConfig(_Section):
+    """HAProxy's runtime API: each server's ``maxconn`` follows the sum of its GPUs' caps."""
+
+    socket: Path = Field(description="the stats socket (``stats socket ... level admin``)")
+    backend: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
+    servers: list[HaproxyServer] = Field(min_length=1)
+    timeout_s: float = Field(default=1.0, gt=0, le=30)
+
+
+class ActuatorsConfig(_Section):
+    """Optional actuators beyond the published cap."""
+
+    RELOAD: ClassVar[dict[str, Reload]] = {"haproxy": RESTART}
+
+    haproxy: HaproxyConfig | None = None
+
+
 class LogConfig(_Section):
     RELOAD: ClassVar[dict[str, Reload]] = {"level": LIVE, "format": LIVE}
 
@@ -648,6 +820,8 @@ class Config(_Section):
     energy: EnergyConfig = Field(default_factory=EnergyConfig)
     commands: CommandsConfig = Field(default_factory=CommandsConfig)
     power_limits: PowerLimitsConfig = Field(default_factory=PowerLimitsConfig)
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+    actuators: ActuatorsConfig = Field(default_factory=ActuatorsConfig)
     log: LogConfig = Field(default_factory=LogConfig)
 
     @model_validator(mode="after")

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from rackguard.agent import __version__, backends, inbox
 from rackguard.agent import log as logmod
 from rackguard.agent import snapshot as snapmod
-from rackguard.agent.actuators import CapPublisher, DecisionSink, PowerLimitSink
+from rackguard.agent.actuators import CapPublisher, DecisionSink, HaproxySink, PowerLimitSink
 from rackguard.agent.config import Config, ConfigError, split_reload
 from rackguard.agent.control_loop import ControlLoop
 from rackguard.agent.coolant_monitor import CoolantMonitor, LeakEvent
@@ -151,6 +151,7 @@ class Agent:
             self.link.subscribe(self.topics.cmd, self._on_command, inbox.SENSOR)
         self.cap: CapPublisher | None = None
         self.power: PowerLimitSink | None = None
+        self.haproxy: HaproxySink | None = None
         self.sinks: list[DecisionSink] = []
 
     # -- views for tests and routes ------------------------------------------------------
@@ -316,6 +317,9 @@ class Agent:
         )
         self.power = await asyncio.to_thread(self._power_sink)
         self.sinks = [self.cap] + ([self.power] if self.power else [])
+        if self.cfg.actuators.haproxy is not None:
+            self.haproxy = HaproxySink(self.cfg.actuators.haproxy, self.cfg.control.safe_cap)
+            self.sinks.append(self.haproxy)
         self.log.info(
             "started",
             version=__version__,
@@ -360,7 +364,9 @@ class Agent:
     def components(self) -> list[Any]:
         """Everything that takes a reloaded config (each has ``reconfigure(cfg)``)."""
         parts: list[Any] = [self.link, self.gates, self.energy, self.commands, self.reports]
-        return parts + [c for c in (self.poller, self.control, self.cap, self.power) if c is not None]
+        return parts + [
+            c for c in (self.poller, self.control, self.cap, self.power, self.haproxy) if c is not None
+        ]
 
     def reload(self) -> None:
         """SIGHUP: re-read the config; if valid apply what can change live, else keep running as is."""

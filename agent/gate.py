@@ -47,7 +47,8 @@ import socket
 import time
 import urllib.request
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
@@ -58,6 +59,129 @@ from rackguard.agent.messages import GateReport, dump
 
 TICK_S = 0.1  # how often the limit is re-checked against expiry
 Source = Literal["mqtt", "http", "safe"]
+# Cap reasons that mean the node is in trouble (a gateway sends everything to its fallback).
+SAFETY_REASONS = frozenset({"leak", "thermal", "stale", "gpu_lost"})
+
+
+class CapRules:
+    """What the agent said, and the limit it gives now: the rules every gate obeys.
+
+    The limit is the valid cap (``caps[g]`` summed over ``gpus``, or ``total`` when
+    ``gpus`` is None) until its ``valid_until_s`` or MQTT 5 expiry, whichever comes
+    first, and ``safe_cap`` otherwise: before the first cap, after expiry, after an
+    invalid cap, and while the agent's status is ``offline``.
+
+    Args:
+        safe_cap: The limit whenever there is no valid cap.
+        gpus: The GPUs obeyed (their caps are summed); None obeys ``total``.
+        clock: Wall-clock seconds.
+    """
+
+    def __init__(
+        self, safe_cap: int, gpus: Sequence[int] | None = None, clock: Callable[[], float] = time.time
+    ) -> None:
+        if safe_cap < 0:
+            raise ValueError("safe_cap must be >= 0")
+        self.safe_cap = safe_cap
+        self.gpus = None if gpus is None else tuple(gpus)
+        self.clock = clock
+        self.agent_online: bool | None = None
+        self.cap: int | None = None
+        self.reason: str | None = None
+        self.valid_until_s = 0.0
+        self.cap_source: Source = "mqtt"
+
+    def take_cap(self, payload: bytes, source: Source, expiry_s: float | None = None) -> str | None:
+        """Take a cap message (MQTT or HTTP); an invalid or empty one means no cap.
+
+        Returns:
+            None, or why the message was invalid.
+        """
+        now = self.clock()
+        try:
+            msg = json.loads(payload) if payload else None
+            if msg is None:
+                self.cap = None
+                return None
+            if self.gpus is None:
+                value = msg["total"]
+            else:
+                parts = [msg["caps"][g] for g in self.gpus]
+                if not all(isinstance(v, int) and v >= 0 for v in parts):
+                    raise ValueError(f"bad caps {parts!r}")
+                value = sum(parts)
+            until = float(msg["valid_until_s"])
+            if expiry_s is not None:
+                until = min(until, now + expiry_s)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"bad cap {value!r}")
+            reason = msg.get("reason")
+            self.cap, self.valid_until_s, self.cap_source = value, until, source
+            self.reason = reason if isinstance(reason, str) else None
+            if source == "http":
+                self.agent_online = True  # it answered
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+            self.cap = None
+            return str(exc)[:200] or type(exc).__name__
+        return None
+
+    def take_status(self, payload: bytes) -> None:
+        """Take the agent's retained status: ``offline`` (its will) means safe_cap at once."""
+        try:
+            state = json.loads(payload).get("state") if payload else None
+        except (ValueError, AttributeError):
+            state = None
+        self.agent_online = None if state is None else state == "online"
+        if self.agent_online is False:
+            self.cap = None  # a new agent publishes a new cap
+
+    def valid(self) -> bool:
+        """Whether a cap is in force now."""
+        return self.agent_online is not False and self.cap is not None and self.clock() < self.valid_until_s
+
+    def limit(self) -> tuple[int, Source]:
+        """The limit now, and where it came from."""
+        if self.valid():
+            assert self.cap is not None
+            return self.cap, self.cap_source
+        return self.safe_cap, "safe"
+
+    def safety_reason(self) -> str | None:
+        """The valid cap's reason when it is a safety reason (leak, thermal, stale, lost GPU)."""
+        return self.reason if self.valid() and self.reason in SAFETY_REASONS else None
+
+
+def mqtt_client(
+    host: str,
+    port: int,
+    *,
+    identifier: str,
+    keepalive_s: int = 15,
+    username: str | None = None,
+    password: str | None = None,
+    ca_file: Path | str | None = None,
+    cert_file: Path | str | None = None,
+    key_file: Path | str | None = None,
+) -> aiomqtt.Client:
+    """An MQTT 5 client for a gate: credentials, and TLS when ``ca_file`` is given."""
+    tls = None
+    if ca_file is not None:
+        tls = aiomqtt.TLSParameters(
+            ca_certs=str(ca_file),
+            certfile=str(cert_file) if cert_file else None,
+            keyfile=str(key_file) if key_file else None,
+        )
+    return aiomqtt.Client(
+        host,
+        port,
+        identifier=identifier,
+        protocol=aiomqtt.ProtocolVersion.V5,
+        keepalive=keepalive_s,
+        username=username,
+        password=password,
+        tls_params=tls,
+        socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
+    )
 
 
 def node_topic(site: str, rack: str, node: str, prefix: str = "rackguard") -> str:
@@ -85,6 +209,9 @@ class Gate:
         report_period_s: How often counters are published.
         username: MQTT username.
         password: MQTT password.
+        ca_file: TLS: the broker's CA (TLS is on when given).
+        cert_file: TLS: this client's certificate (with ``key_file``).
+        key_file: TLS: this client's key.
         reconnect_s: Wait between MQTT connection attempts.
         on_limit: Called with (limit, source) whenever either changes.
         clock: Wall-clock seconds (tests pass their own).
@@ -104,12 +231,14 @@ class Gate:
         report_period_s: float = 1.0,
         username: str | None = None,
         password: str | None = None,
+        ca_file: Path | str | None = None,
+        cert_file: Path | str | None = None,
+        key_file: Path | str | None = None,
         reconnect_s: float = 1.0,
         on_limit: Callable[[int, Source], None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        if safe_cap < 0:
-            raise ValueError("safe_cap must be >= 0")
+        self.rules = CapRules(safe_cap, None if gpu is None else (gpu,), clock)
         self.node_topic = node_topic.rstrip("/")
         self.safe_cap = safe_cap
         self.gpu = gpu
@@ -121,6 +250,7 @@ class Gate:
         self.keepalive_s = keepalive_s
         self.report_period_s = report_period_s
         self.username, self.password = username, password
+        self.tls = (ca_file, cert_file, key_file)
         self.reconnect_s = reconnect_s
         self.on_limit = on_limit
         self.clock = clock
@@ -133,11 +263,6 @@ class Gate:
         self.tokens_total = 0
         self.max_admitted_over_limit = 0  # stays 0: admissions never exceed the limit
         self._waiters: deque[asyncio.Future[None]] = deque()
-        # What the agent said.
-        self._agent_online: bool | None = None
-        self._cap: int | None = None
-        self._cap_valid_until_s = 0.0
-        self._cap_source: Source = "mqtt"
         self.mqtt_connected = False
         self._client: aiomqtt.Client | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -217,11 +342,7 @@ class Gate:
 
     def _update(self) -> None:
         """Recompute the limit from what the agent said and the clock."""
-        now = self.clock()
-        limit: int = self.safe_cap
-        source: Source = "safe"
-        if self._agent_online is not False and self._cap is not None and now < self._cap_valid_until_s:
-            limit, source = self._cap, self._cap_source
+        limit, source = self.rules.limit()
         if (limit, source) == (self.limit, self.source):
             return
         self.log.info("gate_limit", gate=self.gate_id, limit=limit, source=source, in_flight=self.in_flight)
@@ -232,35 +353,14 @@ class Gate:
 
     def handle_cap(self, payload: bytes, source: Source, expiry_s: float | None = None) -> None:
         """Take a cap message (from MQTT or HTTP); an invalid or empty one means no cap."""
-        now = self.clock()
-        try:
-            cap = json.loads(payload) if payload else None
-            if cap is None:
-                self._cap = None
-            else:
-                value = cap["total"] if self.gpu is None else cap["caps"][self.gpu]
-                until = float(cap["valid_until_s"])
-                if expiry_s is not None:
-                    until = min(until, now + expiry_s)
-                if not isinstance(value, int) or value < 0:
-                    raise ValueError(f"bad cap {value!r}")
-                self._cap, self._cap_valid_until_s, self._cap_source = value, until, source
-                if source == "http":
-                    self._agent_online = True  # it answered
-        except (ValueError, KeyError, IndexError, TypeError) as exc:
-            self.log.warning("gate_cap_invalid", gate=self.gate_id, error=str(exc)[:200])
-            self._cap = None
+        error = self.rules.take_cap(payload, source, expiry_s)
+        if error is not None:
+            self.log.warning("gate_cap_invalid", gate=self.gate_id, error=error)
         self._update()
 
     def handle_status(self, payload: bytes) -> None:
         """Take the agent's retained status: ``offline`` (its will) means safe_cap at once."""
-        try:
-            state = json.loads(payload).get("state") if payload else None
-        except (ValueError, AttributeError):
-            state = None
-        self._agent_online = None if state is None else state == "online"
-        if self._agent_online is False:
-            self._cap = None  # a new agent publishes a new cap
+        self.rules.take_status(payload)
         self._update()
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -308,14 +408,16 @@ class Gate:
     async def _mqtt_loop(self) -> None:
         while True:
             try:
-                async with aiomqtt.Client(
+                async with mqtt_client(
                     self.host,
                     self.port,
                     identifier=f"rackguard-gate-{self.gate_id}",
-                    protocol=aiomqtt.ProtocolVersion.V5,
-                    keepalive=self.keepalive_s,
+                    keepalive_s=self.keepalive_s,
                     username=self.username,
                     password=self.password,
+                    ca_file=self.tls[0],
+                    cert_file=self.tls[1],
+                    key_file=self.tls[2],
                 ) as client:
                     await client.subscribe(f"{self.node_topic}/status", qos=1)
                     await client.subscribe(f"{self.node_topic}/cap", qos=1)
@@ -346,7 +448,7 @@ class Gate:
         while True:
             if not self.mqtt_connected:
                 try:
-                    body = await asyncio.to_thread(_http_get, url)
+                    body = await asyncio.to_thread(http_get, url)
                 except OSError as exc:
                     self.log.debug("gate_http_failed", gate=self.gate_id, error=str(exc))
                 else:
@@ -354,7 +456,8 @@ class Gate:
             await asyncio.sleep(1.0)
 
 
-def _http_get(url: str) -> bytes:
+def http_get(url: str) -> bytes:
+    """GET a small body (the agent's ``/v1/cap``), blocking, with a 2 s time-out."""
     with urllib.request.urlopen(url, timeout=2.0) as r:
         body: bytes = r.read()
         return body

@@ -27,6 +27,14 @@ if TYPE_CHECKING:
     from rackguard.agent.config import Config
 
 FORGET_AFTER_S = 600.0  # a gate silent this long is dropped from the table
+MAX_CLASSES = 64  # distinct workload-class names counted (metrics labels stay bounded)
+_CLASS_OUTCOMES = (
+    ("completed_total", "ok"),
+    ("slo_met_total", "slo_met"),
+    ("shed_total", "shed"),
+    ("spilled_total", "spilled"),
+    ("error_total", "error"),
+)
 
 
 @dataclass(slots=True)
@@ -58,6 +66,8 @@ class GateTracker:
         self.window_tokens = 0
         self.window_requests = 0
         self.rejected_total = 0
+        self.class_names: set[str] = set()
+        self.class_totals: dict[str, dict[str, int]] = {}
         self.log = logmod.get("gates")
         self._rl = logmod.RateLimitedLog(self.log, 60.0)
 
@@ -83,8 +93,38 @@ class GateTracker:
             self.window_tokens += tokens
             if self.metrics is not None and tokens:
                 self.metrics.tokens.inc(tokens)
+            self._classes(prev.report, report)
         self.gates[report.gate_id] = _Gate(report, now)
         return report
+
+    def _classes(self, before: GateReport, after: GateReport) -> None:
+        """Per-class deltas of a gateway's report (goodput and SLO attainment per class)."""
+        if after.classes is None:
+            return
+        old = before.classes or {}
+        for name, c in after.classes.items():
+            if name not in self.class_names:
+                if len(self.class_names) >= MAX_CLASSES:
+                    continue
+                self.class_names.add(name)
+            prev = old.get(name)
+            totals = self.class_totals.setdefault(name, dict.fromkeys([o for _, o in _CLASS_OUTCOMES], 0))
+            for field, outcome in _CLASS_OUTCOMES:
+                d = _delta(getattr(prev, field) if prev else 0, getattr(c, field))
+                totals[outcome] += d
+                if self.metrics is not None and d:
+                    self.metrics.class_requests.labels(name, outcome).inc(d)
+            goodput = _delta(prev.goodput_tokens_total if prev else 0, c.goodput_tokens_total)
+            energy_j = c.energy_j_total - (prev.energy_j_total if prev else 0.0)
+            energy_j = energy_j if energy_j >= 0 else c.energy_j_total
+            if self.metrics is not None:
+                self.metrics.class_goodput_tokens.labels(name).inc(goodput)
+                self.metrics.class_energy.labels(name).inc(energy_j)
+
+    def slo_attainment(self, name: str) -> float | None:
+        """Share of a class's ok requests within its SLOs, since the agent started (None: none yet)."""
+        t = self.class_totals.get(name)
+        return t["slo_met"] / t["ok"] if t and t["ok"] else None
 
     def _reject(self, topic: str, reason: str, detail: str) -> None:
         self.rejected_total += 1
@@ -104,14 +144,18 @@ class GateTracker:
     def in_flight(self, n_gpus: int) -> list[float | None]:
         """Requests in flight per GPU from fresh reports (None: no fresh gate covers that GPU).
 
-        A node-wide gate (``gpu`` null) is spread evenly over all GPUs.
+        A node-wide gate (``gpu`` null) is spread evenly over all GPUs, a gate over several
+        GPUs (``gpus``, a gateway's upstream) evenly over those.
         """
         out: list[float | None] = [None] * n_gpus
         for r in self.fresh():
-            if r.gpu is None:
-                targets, share = range(n_gpus), r.in_flight / max(n_gpus, 1)
+            if r.gpus is not None:
+                targets = [g for g in r.gpus if g < n_gpus]
+                share = r.in_flight / max(len(r.gpus), 1)
+            elif r.gpu is None:
+                targets, share = list(range(n_gpus)), r.in_flight / max(n_gpus, 1)
             elif r.gpu < n_gpus:
-                targets, share = range(r.gpu, r.gpu + 1), float(r.in_flight)
+                targets, share = [r.gpu], float(r.in_flight)
             else:
                 continue
             for i in targets:

@@ -7,9 +7,10 @@ data was sampled, not when it was published).
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from rackguard.controllers.api import Binding
 
@@ -212,6 +213,26 @@ GATE_MAX_IN_FLIGHT = 1_000_000
 GATE_MAX_COUNTER = 2**53  # exact in a float
 
 
+GATE_MAX_CLASSES = 16
+_CLASS_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+GATE_MAX_ENERGY_J = 1e18  # ~30 GW for a year: far above any node
+
+
+class GateClassCounters(_Msg):
+    """One workload class's cumulative counters in a gateway's report (since it started)."""
+
+    completed_total: int = Field(ge=0, le=GATE_MAX_COUNTER, description="requests answered ok")
+    slo_met_total: int = Field(ge=0, le=GATE_MAX_COUNTER, description="of those, within the class's SLOs")
+    shed_total: int = Field(ge=0, le=GATE_MAX_COUNTER, description="refused with 429")
+    spilled_total: int = Field(ge=0, le=GATE_MAX_COUNTER, description="sent to the fallback upstream")
+    error_total: int = Field(ge=0, le=GATE_MAX_COUNTER, description="failed (upstream error, disconnect)")
+    tokens_total: int = Field(ge=0, le=GATE_MAX_COUNTER, description="completion tokens of ok requests")
+    goodput_tokens_total: int = Field(ge=0, le=GATE_MAX_COUNTER, description="tokens of SLO-met requests")
+    energy_j_total: float = Field(
+        ge=0, le=GATE_MAX_ENERGY_J, allow_inf_nan=False, description="GPU energy attributed to its requests"
+    )
+
+
 class GateReport(_Msg):
     """Published by each inference server's gate (agent/gate.py) on ``.../gate/<gate_id>`` about every 1 s."""
 
@@ -230,6 +251,30 @@ class GateReport(_Msg):
         ge=0, le=GATE_MAX_COUNTER, description="requests completed since the gate started"
     )
     tokens_total: int = Field(ge=0, le=GATE_MAX_COUNTER, description="tokens reported since the gate started")
+    gpus: list[int] | None = Field(
+        None,
+        max_length=1024,
+        description="a gate over several GPUs (a gateway's upstream): its in-flight is spread over them",
+    )
+    classes: dict[str, GateClassCounters] | None = Field(
+        None,
+        max_length=GATE_MAX_CLASSES,
+        description="per workload class (a gateway); absent from a plain gate",
+    )
+
+    @field_validator("gpus")
+    @classmethod
+    def _gpus(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or any(not 0 <= g <= 1024 for g in v)):
+            raise ValueError("gpus must be 1 to 1024 GPU indices in 0..1024")
+        return v
+
+    @field_validator("classes")
+    @classmethod
+    def _class_names(cls, v: dict[str, GateClassCounters] | None) -> dict[str, GateClassCounters] | None:
+        if v is not None and any(not _CLASS_NAME.fullmatch(k) for k in v):
+            raise ValueError("class names must be 1-64 of A-Z a-z 0-9 _ . -")
+        return v
 
 
 class CommandAck(_Msg):

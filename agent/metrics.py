@@ -175,6 +175,21 @@ class Metrics:
             "rackguard_gate_reports_rejected", "Invalid gate reports", registry=r
         )
         self.tokens = Counter("rackguard_tokens", "Tokens reported by the gates", registry=r)
+        self.class_requests = Counter(
+            "rackguard_class_requests",
+            "Requests per workload class and outcome, from gateways' reports (ok, slo_met, shed, spilled, error)",
+            ["cls", "outcome"],
+            registry=r,
+        )
+        self.class_goodput_tokens = Counter(
+            "rackguard_class_goodput_tokens",
+            "Tokens of SLO-met requests per class (gateways)",
+            ["cls"],
+            registry=r,
+        )
+        self.class_energy = Counter(
+            "rackguard_class_energy_joules", "GPU energy attributed per class (gateways)", ["cls"], registry=r
+        )
         self.energy_per_token_j = Gauge(
             "rackguard_energy_per_token_joules", "GPU energy per token over the last window", registry=r
         )

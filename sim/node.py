@@ -317,9 +317,13 @@ class SimServers:
                 if topic.rpartition("/")[2].startswith("sim-"):
                     return  # our own report
                 report = GateReport.model_validate_json(payload)
-                if report.gpu is not None and report.gpu < len(self.counters):
-                    c = self.counters[report.gpu]
-                    c.external_in_flight, c.external_mono_s = report.in_flight, time.monotonic()
+                # A gate over several GPUs (a gateway's upstream) loads each with its share.
+                gpus = report.gpus or ([] if report.gpu is None else [report.gpu])
+                for index in gpus:
+                    if index < len(self.counters):
+                        c = self.counters[index]
+                        c.external_in_flight = round(report.in_flight / len(gpus))
+                        c.external_mono_s = time.monotonic()
             else:
                 self._coolant(topic, payload)
         except Exception as exc:  # a bad message must not stop the simulated servers

@@ -20,6 +20,8 @@ import pytest
 from rackguard.agent import config as configmod
 from rackguard.agent import log as logmod
 from rackguard.agent.daemon import Agent
+from rackguard.agent.gate import Gate
+from rackguard.agent.gateway.server import Gateway
 from tests.conftest import Broker, BrokerFactory
 
 REPO = Path(__file__).resolve().parents[2]
@@ -27,7 +29,8 @@ ACL = REPO / "systemd" / "mosquitto-acl.example"
 NODE = "rackguard-site1-rackA-node07"
 OTHER = "rackguard-site1-rackA-node08"
 CMD = "rackguard/site1/rackA/node07/cmd"
-USERS = [NODE, OTHER, "rackguard-consumer", "rackguard-operator"]
+GATE = "rackguard-gate-site1-rackA-node07"
+USERS = [NODE, OTHER, "rackguard-consumer", "rackguard-operator", GATE]
 NOT_AUTHORIZED = 0x87
 
 
@@ -231,12 +234,57 @@ def test_tls_password_acl(
     logmod.configure("debug", "json")
     agent = Agent(cfg)
 
+    (creds / "gate-password").write_text(password_of(GATE) + "\n")
+    tls = {"ca_file": pki.ca, "cert_file": pki.path(f"{GATE}.crt"), "key_file": pki.path(f"{GATE}.key")}
+    gate = Gate(
+        node_topic="rackguard/site1/rackA/node07",
+        safe_cap=1,
+        gpu=0,
+        host=secure_broker.host,
+        port=secure_broker.port,
+        gate_id="gate-tls",
+        username=GATE,
+        password=password_of(GATE),
+        reconnect_s=0.2,
+        **tls,
+    )
+    gw_cfg = configmod.validate(
+        {
+            **{k: v for k, v in cfg.model_dump(mode="json").items() if k in ("node", "mqtt")},
+            "gateway": {
+                "listen": "127.0.0.1:0",
+                "upstreams": [{"name": "v", "url": "http://127.0.0.1:9", "gpus": [0, 1]}],
+                "gateway_id": "gw-tls",
+                "mqtt_username": GATE,
+                "mqtt_password_file": "gate-password",
+                "report_period_s": 0.2,
+            },
+        }
+    )
+    gw_cfg = gw_cfg.model_copy(
+        update={"mqtt": gw_cfg.mqtt.model_copy(update={"tls": configmod.TlsConfig(**tls)})}
+    )
+    gateway = Gateway(gw_cfg)
+
     async def run_agent() -> None:
         task = asyncio.create_task(agent.run())
+        await gate.start()
+        await gateway.start()
         deadline = time.monotonic() + 20
         while not any(t.endswith("node07/telemetry") for t, _ in consumer.messages):
             assert time.monotonic() < deadline, "no telemetry over TLS"
             await asyncio.sleep(0.05)
+        # The gate library and the gateway, as the gate user over TLS: they follow the cap
+        # and their reports reach the agent.
+        while not (
+            gate.source == "mqtt"
+            and gateway.upstreams[0].rules.limit()[1] == "mqtt"
+            and {"gate-tls", "gw-tls-v"} <= set(agent.gates.gates)
+        ):
+            assert time.monotonic() < deadline, (gate.source, sorted(agent.gates.gates))
+            await asyncio.sleep(0.05)
+        await gateway.close()
+        await gate.close()
         agent.request_stop()
         await task
 
@@ -257,6 +305,12 @@ def test_tls_password_acl(
     assert reader.publish(CMD, b'{"evil": 2}') == NOT_AUTHORIZED
     assert other.publish("rackguard/site1/rackA/node07/telemetry", b'{"seq": -1}') == NOT_AUTHORIZED
     assert listener.publish(CMD, b'{"self": 4}') == NOT_AUTHORIZED  # a node never commands itself
+    gate_user = Client(secure_broker, pki, GATE)  # a gate may not command the node or set its cap
+    assert gate_user.publish(CMD, b'{"gate": 1}') == NOT_AUTHORIZED
+    assert gate_user.publish("rackguard/site1/rackA/node07/cap", b'{"total": 999}') == NOT_AUTHORIZED
+    assert gate_user.publish("rackguard/site1/rackA/node08/gate/x", b"{}") == NOT_AUTHORIZED
+    assert gate_user.publish("rackguard/site1/rackA/node07/gate/x", b"{}") == 0
+    gate_user.close()
     assert operator.publish(CMD, b'{"ok": 3}') == 0
     deadline = time.monotonic() + 5
     while not listener.messages and time.monotonic() < deadline:

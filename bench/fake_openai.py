@@ -1,0 +1,213 @@
+"""A fake OpenAI-compatible server (aiohttp) for the gateway's tests and benchmark.
+
+It answers ``/v1/chat/completions``, ``/v1/completions`` (streamed or not),
+``/v1/embeddings`` and ``/v1/models`` like vLLM does, taking ``delay_s`` per request
+(or ``token_interval_s`` per streamed token), and it records what the gateway must be
+judged on: requests in flight (sampled at each arrival), the most ever in flight,
+requests cancelled by a disconnect, and the headers and bodies it received.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+from aiohttp import web
+
+
+class FakeUpstream:
+    """One fake server.
+
+    Args:
+        name: Returned in the ``x-upstream`` header and the completion's ``model`` suffix.
+        delay_s: Time per non-streamed request (before the answer).
+        tokens: Completion tokens per request.
+        token_interval_s: Time between streamed tokens.
+    """
+
+    def __init__(
+        self, name: str = "fake", *, delay_s: float = 0.0, tokens: int = 8, token_interval_s: float = 0.0
+    ):
+        self.name, self.delay_s, self.tokens, self.token_interval_s = name, delay_s, tokens, token_interval_s
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.samples: list[tuple[float, int]] = []  # (monotonic s, in flight) at each arrival
+        self.requests = 0
+        self.cancelled = 0
+        self.last_headers: dict[str, str] = {}
+        self.last_body: bytes = b""
+        self.port = 0
+        self._runner: web.AppRunner | None = None
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._complete)
+        app.router.add_post("/v1/completions", self._complete)
+        app.router.add_post("/v1/embeddings", self._embeddings)
+        app.router.add_get("/v1/models", self._models)
+        self.app = app
+        self._chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 0, "model": "m"}
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self, port: int = 0) -> int:
+        self._runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", port, backlog=1024)
+        await site.start()
+        server = site._server
+        assert isinstance(server, asyncio.Server)
+        self.port = server.sockets[0].getsockname()[1]
+        return self.port
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _complete(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        self.last_headers = dict(request.headers)
+        self.last_body = body
+        req: dict[str, Any] = json.loads(body)
+        self.requests += 1
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        self.samples.append((time.monotonic(), self.in_flight))
+        try:
+            if req.get("stream"):
+                return await self._stream(request, req)
+            if self.delay_s:
+                await asyncio.sleep(self.delay_s)
+            prompt = len(json.dumps(req.get("messages") or req.get("prompt") or "")) // 4 + 1
+            usage = {
+                "prompt_tokens": prompt,
+                "completion_tokens": self.tokens,
+                "total_tokens": prompt + self.tokens,
+            }
+            chat = request.path.endswith("chat/completions")
+            choice = (
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "x" * self.tokens},
+                    "finish_reason": "stop",
+                }
+                if chat
+                else {"index": 0, "text": "x" * self.tokens, "finish_reason": "stop"}
+            )
+            out = {
+                "id": "c1",
+                "object": "chat.completion" if chat else "text_completion",
+                "created": 0,
+                "model": str(req.get("model", "m")),
+                "choices": [choice],
+                "usage": usage,
+            }
+            return web.json_response(out, headers={"x-upstream": self.name})
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        finally:
+            self.in_flight -= 1
+
+    async def _stream(self, request: web.Request, req: dict[str, Any]) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "x-upstream": self.name})
+        await resp.prepare(request)
+        chunk = dict(self._chunk, model=str(req.get("model", "m")))
+        for i in range(self.tokens):
+            if self.token_interval_s:
+                await asyncio.sleep(self.token_interval_s)
+            finish = "stop" if i == self.tokens - 1 else None
+            c = dict(chunk, choices=[{"index": 0, "delta": {"content": "x"}, "finish_reason": finish}])
+            await resp.write(b"data: " + json.dumps(c).encode() + b"\n\n")
+        opts = req.get("stream_options")
+        if isinstance(opts, dict) and opts.get("include_usage"):
+            u = {"prompt_tokens": 5, "completion_tokens": self.tokens, "total_tokens": 5 + self.tokens}
+            await resp.write(b"data: " + json.dumps(dict(chunk, choices=[], usage=u)).encode() + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    async def _embeddings(self, request: web.Request) -> web.Response:
+        await request.read()
+        out = {
+            "object": "list",
+            "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2]}],
+            "model": "e",
+            "usage": {"prompt_tokens": 3, "total_tokens": 3},
+        }
+        return web.json_response(out)
+
+    async def _models(self, request: web.Request) -> web.Response:
+        out = {
+            "object": "list",
+            "data": [{"id": "m", "object": "model", "created": 0, "owned_by": self.name}],
+        }
+        return web.json_response(out, headers={"x-upstream": self.name})
+
+
+_FAST_BODY = json.dumps(
+    {
+        "id": "c1",
+        "object": "chat.completion",
+        "created": 0,
+        "model": "m",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
+    }
+).encode()
+_FAST_RESPONSE = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+    + str(len(_FAST_BODY)).encode()
+    + b"\r\n\r\n"
+    + _FAST_BODY
+)
+
+
+class _FastProtocol(asyncio.Protocol):
+    """HTTP/1.1 keep-alive: every request gets the same small chat completion at once."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.t, self.buf = transport, b""
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while (end := self.buf.find(b"\r\n\r\n")) >= 0:
+            head = self.buf[:end].lower()
+            i = head.find(b"content-length:")
+            n = int(head[i + 15 :].split(b"\r\n", 1)[0]) if i >= 0 else 0
+            if len(self.buf) < end + 4 + n:
+                return
+            self.buf = self.buf[end + 4 + n :]
+            self.t.write(_FAST_RESPONSE)
+
+
+async def serve_fast(port: int = 0) -> asyncio.Server:
+    """The fastest upstream this machine can run: for throughput ceilings, not behaviour."""
+    return await asyncio.get_running_loop().create_server(_FastProtocol, "127.0.0.1", port, backlog=1024)
+
+
+def main() -> None:
+    """``python3 -m rackguard.bench.fake_openai --port P --fast-port Q``: serve until killed."""
+    import argparse
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--fast-port", type=int, required=True)
+    p.add_argument("--tokens", type=int, default=8)
+    p.add_argument("--token-interval-s", type=float, default=0.05)
+    a = p.parse_args()
+
+    async def run() -> None:
+        up = FakeUpstream("fake", tokens=a.tokens, token_interval_s=a.token_interval_s)
+        await up.start(a.port)
+        await serve_fast(a.fast_port)
+        await asyncio.Event().wait()
+
+    asyncio.run(run())
+
+
+if __name__ == "__main__":
+    main()
