@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from rackguard.bench.harness import load_scenario, run, scenario_files
 from rackguard.controllers.api import CoolantObs, GpuObs, Limits, NodeShare, Observation
-from rackguard.controllers.mpc import MpcController
+from rackguard.controllers.mpc import MpcController, MpcSettings
 from rackguard.controllers.power import PowerCurve
 from rackguard.controllers.safety import SafetyLayer
 from rackguard.controllers.thermal import DEFAULT_PARAMS
@@ -161,10 +161,11 @@ def test_coolant_flow_constraint_binds() -> None:
     assert float(np.sum(p_caps)) <= lim.coolant_heat_max_w(flow) + 1e-6
 
 
-def test_node_budget_is_packed_when_power_is_concave() -> None:
-    """Concave power: filling some GPUs to their ceiling serves more than an equal split."""
+@pytest.mark.parametrize("split", ["even", "packed"])
+def test_node_budget_split_policy(split: str) -> None:
+    """``even`` gives every GPU the same cap; ``packed`` fills some GPUs (more per watt, slower requests)."""
     lim = Limits(node_power_budget_w=4200.0)
-    mpc = MpcController(lim, 8)
+    mpc = MpcController(lim, 8, settings=MpcSettings(split=split))  # type: ignore[arg-type]
     curve = PowerCurve(120.0, 580.0, 48.0)
     t = 0.0
     caps = [256] * 8  # in flight follows the caps (the gate admits up to the cap)
@@ -177,8 +178,11 @@ def test_node_budget_is_packed_when_power_is_concave() -> None:
     assert d.binding == "power"
     p_caps = mpc.power_model.conservative_power_w(np.array(d.caps, float))
     assert float(np.sum(p_caps)) <= 4200.0
-    # An equal split of the same budget would give each GPU well under 100.
-    assert max(d.caps) == lim.max_cap and sum(d.caps) > 8 * 100
+    if split == "packed":
+        # An equal split of the same budget would give each GPU well under 100.
+        assert max(d.caps) == lim.max_cap and sum(d.caps) > 8 * 100
+    else:
+        assert max(d.caps) - min(d.caps) <= 1 and 30 < min(d.caps) < 100
 
 
 def test_slow_hbm_does_not_bind_far_from_its_limit() -> None:
