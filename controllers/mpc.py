@@ -71,8 +71,10 @@ class MpcSettings:
             GPU serves requests at the same latency) or ``packed`` (GPUs filled one after
             another, the rest at ``min_cap``: more concurrency per watt on a concave power
             curve, but requests on the full GPUs are slow).
-        flow_trend_s: Time constant of the flow trend's filter; a falling trend is
-            extrapolated over the horizon for the coolant heat constraint.
+        flow_trend_s: Time constant of the flow trend's filter.
+        flow_lookahead_s: A falling flow trend is extrapolated this far (then held) for the
+            coolant heat constraint: about the plates' time constant, the time the heat
+            they store takes to reach the coolant.
     """
 
     step_s: float = 1.0
@@ -85,7 +87,8 @@ class MpcSettings:
     rise_hysteresis_w: float = 5.0
     budget_sigmas: float = 3.0
     split: Literal["even", "packed"] = "even"
-    flow_trend_s: float = 5.0
+    flow_trend_s: float = 2.0
+    flow_lookahead_s: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +105,6 @@ class _Predictor:
     h_plate: FloatArray  # (1, N, N): plate response (the coolant heat rows)
     plate_pos: NDArray[np.bool_]  # (1, N, N+1): as tail_pos, plate
     plate_g: FloatArray  # (1, N, N+1): as tail_g, plate
-    steady_plate: FloatArray  # (1,): steady plate rise per watt
 
 
 class MpcController:
@@ -201,7 +203,6 @@ class MpcController:
                 h_plate,
                 pos_p,
                 np.where(pos_p, gp, 1.0),
-                np.array([self.model.steady_rise_k(1.0, flow)[1]]),
             )
             if len(self._predictors) > 512:
                 self._predictors.clear()
@@ -416,7 +417,8 @@ class MpcController:
             cap_w = np.full(n, np.inf)
         else:
             slope = min(self._flow_slope_lpm_per_s, 0.0)
-            flows = np.maximum(flow_lpm + slope * t_rows_s, 0.05 * ref)
+            ahead = t_rows_s <= s.flow_lookahead_s
+            flows = np.where(ahead, np.maximum(flow_lpm + slope * t_rows_s, 0.05 * ref), flow_lpm)
             cap_w = lim.coolant_heat_max_w(1.0) * flows  # ṁ·cp·ΔT is linear in flow
         kind: Binding = "coolant_flow"
         if share is not None and share.coolant_heat_w < float(np.min(cap_w)):
@@ -426,13 +428,23 @@ class MpcController:
         if not np.all(np.isfinite(cap_w)):
             return math.inf, "none"
         r_pc = self.model.r_plate_coolant_k_per_w * (ref / flows) ** self.model.flow_exponent
+        # Steady state at the flow now (the trend is not extrapolated for ever).
         x_max = np.append(cap_w * r_pc, cap_w[-1] * r_pc[-1])  # (N+1,), last: steady
-        pred = self._predictor(None if flow_lpm is None else float(flows[-1]))
+        pred = self._predictor(None if flow_lpm is None else float(np.min(flows)))
         x_node = np.sum(self._x, axis=0)
         free = np.append(pred.a_pow[:, 1, :] @ x_node, 0.0)
-        room = (x_max - free)[None, None, :]
+        pd_node = np.sum(pd, axis=0)
+        room = x_max - free
+        # Over the limit already, or bound to be with nothing more admitted (a step in flow,
+        # requests in flight draining): hold power at the limit the flow now sets and let the
+        # heat the plates store decay into the coolant; removing it at once would cut power
+        # far below the limit and send every GPU towards min_cap (that plan's excess is allowed).
+        excess = pred.h_plate[0] @ pd_node - room[:-1]
+        if x_node[1] > x_max[0] or np.any(excess > 0.0):
+            at_limit = pred.h_plate[0] @ np.maximum(pd_node, float(cap_w[-1]))
+            room[:-1] += np.maximum(np.maximum(at_limit - room[:-1], excess), 0.0) + 1e-6
         held = self._largest_held(
-            room, pred.h_plate, pred.plate_pos, pred.plate_g, pred.steady_plate, np.sum(pd, axis=0)[None, :]
+            room[None, None, :], pred.h_plate, pred.plate_pos, pred.plate_g, r_pc[-1:], pd_node[None, :]
         )
         return max(float(held[0, 0]), 0.0), kind
 
