@@ -248,7 +248,9 @@ class Scenario:
         return sorted(out)
 
 
-def _schedule(raw: Any, key: str, *, step: bool = False, duration_s: float = 600.0, base: Path | None = None) -> Any:
+def _schedule(
+    raw: Any, key: str, *, step: bool = False, duration_s: float = 600.0, base: Path | None = None
+) -> Any:
     """A schedule from TOML: a number, [[t_s, value], ...], or a table (see the scenarios README)."""
     if isinstance(raw, bool):
         raise ScenarioError(f"{key}: expected a number, a list of [t_s, value] pairs or a table")
@@ -270,7 +272,10 @@ def _schedule(raw: Any, key: str, *, step: bool = False, duration_s: float = 600
                 return per
             if kind == "random":
                 spec = dict(raw["random"])
-                conv = {k: (str(v) if k == "kind" else int(v) if k == "seed" else float(v)) for k, v in spec.items()}
+                conv = {
+                    k: (str(v) if k == "kind" else int(v) if k == "seed" else float(v))
+                    for k, v in spec.items()
+                }
                 return RandomSchedule.make(duration_s, **conv)
             if kind == "sum":
                 return SumSchedule(
@@ -442,7 +447,9 @@ class OracleController:
             the true state and has no model error): a reference that does not see the future.
     """
 
-    def __init__(self, scenario: Scenario, plant: Plant, horizon_s: float = 30.0, *, causal: bool = False) -> None:
+    def __init__(
+        self, scenario: Scenario, plant: Plant, horizon_s: float = 30.0, *, causal: bool = False
+    ) -> None:
         self.scn = scenario
         self.plant = plant
         self.horizon_s = horizon_s
@@ -463,10 +470,11 @@ class OracleController:
         step_s = scn.tick_s
         ts = obs.t_s + step_s * np.arange(1, int(self.horizon_s / step_s) + 1)
         at = (lambda sch, t: sch.at(obs.t_s)) if self.causal else (lambda sch, t: sch.at(t))
+        # Step k runs from ts[k] − step_s to ts[k] with that start's load, supply, flow, share.
         offered = np.array([at(scn.load, t - step_s) for t in ts])
-        supply = np.array([at(scn.supply_c, t) for t in ts])
-        flow = np.array([at(scn.flow_lpm, t) for t in ts])
-        shares = [scn.share_at(obs.t_s if self.causal else t) for t in ts]
+        supply = np.array([at(scn.supply_c, t - step_s) for t in ts])
+        flow = np.array([at(scn.flow_lpm, t - step_s) for t in ts])
+        shares = [scn.share_at(obs.t_s if self.causal else t - step_s) for t in ts]
         admitted = np.minimum(self._cands[:, None], offered[None, :])  # (caps, steps)
         # Requests in flight drain as they complete (the gate kills none): per GPU, the mean
         # in flight over each step is at least its drain from now (duration held at the start).
@@ -500,7 +508,8 @@ class OracleController:
             # node_w (m, steps): within the power limit and the heat into the coolant.
             ok_p = np.all(node_w <= node_lim, axis=1)
             heat = predict_heat_w(thermal, x_node, node_w, flow, step_s)
-            return np.asarray(ok_p & np.all(heat <= heat_lim, axis=1))
+            # 1 % spare: heat is checked at step ends, the plant counts every 0.1 s.
+            return np.asarray(ok_p & np.all(heat <= 0.99 * heat_lim, axis=1))
 
         # Equal caps, or k GPUs (the busiest now) at the thermal cap, one at a remainder, the
         # rest at min_cap.
@@ -634,7 +643,9 @@ class RunResult:
         drop = -dp
         need = np.maximum(p[:-1] - lim, 0.0) if len(p) > 1 else np.zeros(1)
         mask = ~np.asarray(self.safety_override[1:], dtype=bool) if len(p) > 1 else np.zeros(1, bool)
-        excess = np.where(mask & np.isfinite(lim), (drop - need) / np.where(np.isfinite(lim), lim, 1.0), -np.inf)
+        excess = np.where(
+            mask & np.isfinite(lim), (drop - need) / np.where(np.isfinite(lim), lim, 1.0), -np.inf
+        )
         return {
             "cap_reversals_per_min": round(reversals / minutes, 3),
             "max_power_drop_w": round(float(max(np.max(drop), 0.0)), 1),

@@ -65,6 +65,10 @@ class MpcSettings:
         requests: Request duration vs concurrency: after a cut, requests in flight drain
             as they complete (the gate never kills one), so the cut power falls slowly.
         rise_hysteresis_w: A cap rises only if its power fits with this much to spare.
+        rise_hold_s: For this long after a GPU's cap fell, a rise needs
+            ``rise_hold_factor`` × ``rise_hysteresis_w`` to spare: the cap does not reverse
+            on every degree of sensor noise.
+        rise_hold_factor: See ``rise_hold_s``.
         budget_sigmas: Standard deviations of the node's summed power noise kept free
             under the node power budget.
         split: How a node limit is shared: ``even`` (a common per-GPU power ceiling; every
@@ -85,6 +89,8 @@ class MpcSettings:
     boost_block_s: float = 3.0
     requests: RequestTiming = field(default_factory=RequestTiming)
     rise_hysteresis_w: float = 5.0
+    rise_hold_s: float = 60.0
+    rise_hold_factor: float = 6.0
     budget_sigmas: float = 3.0
     split: Literal["even", "packed"] = "even"
     flow_trend_s: float = 2.0
@@ -138,6 +144,7 @@ class MpcController:
         self._supply_slope_c_per_s = 0.0
         self._mem_seen = np.zeros(n_gpus, dtype=bool)
         self._caps = np.full(n_gpus, limits.min_cap, dtype=np.int64)
+        self._fall_t_s = np.full(n_gpus, -math.inf)
         self._predictors: dict[int | None, _Predictor] = {}
         self._flow_lpm: float | None = None
         self._flow_slope_lpm_per_s = 0.0
@@ -155,7 +162,10 @@ class MpcController:
         self._limits_given = limits
         # Caps never exceed the concurrency that meets the TPOT SLO (nor go below min_cap).
         slo_cap = self.settings.requests.max_concurrency_for_slo(limits.tpot_slo_s)
-        hi = max(limits.min_cap, min(limits.max_cap, math.floor(slo_cap) if math.isfinite(slo_cap) else limits.max_cap))
+        hi = max(
+            limits.min_cap,
+            min(limits.max_cap, math.floor(slo_cap) if math.isfinite(slo_cap) else limits.max_cap),
+        )
         self._lim = limits if hi == limits.max_cap else replace(limits, max_cap=hi)
 
     # --- model -----------------------------------------------------------------------------------
@@ -353,7 +363,10 @@ class MpcController:
         # unconstrained) and be at least raise_deadband; a fall happens only when the current
         # cap no longer fits.
         unconstrained = p_allow >= p_max
-        p_rise = np.where(unconstrained, p_allow, p_allow - s.rise_hysteresis_w)
+        t_now = self._t_s if self._t_s is not None else 0.0
+        held = t_now - self._fall_t_s < s.rise_hold_s
+        spare_w = np.where(held, s.rise_hold_factor * s.rise_hysteresis_w, s.rise_hysteresis_w)
+        p_rise = np.where(unconstrained, p_allow, p_allow - spare_w)
         caps_rise = pm.max_concurrency(p_rise, lim.min_cap, lim.max_cap)
         prev = np.clip(self._caps, lim.min_cap, lim.max_cap)  # limits may change on reload
         prev_fits = pm.power_at_caps_w(prev, lim.max_cap) <= p_allow
@@ -364,6 +377,7 @@ class MpcController:
         caps_fall = np.where(pm.power_at_caps_w(caps_fit, lim.max_cap) <= p_rise, caps_fit, caps_rise)
         caps = np.where(prev_fits, np.where((caps > prev) & ~small_rise, caps, prev), caps_fall)
         caps = np.where(lost, lim.min_cap, caps)
+        self._fall_t_s = np.where(caps < prev, t_now, self._fall_t_s)
         self._caps = caps
 
         # Prediction at the chosen caps (for reporting), die only, drain included.

@@ -70,7 +70,9 @@ def test_every_mpc_target_sits_below_its_safety_trip() -> None:
     """Hysteresis: an HBM (or die) reading at the MPC's target does not trip safety."""
     layer = SafetyLayer(LIM)
     t = warmed(layer)
-    at_targets = obs(t, temps=(LIM.gpu_temp_max_c - LIM.margin_c, 50.0), mem=LIM.mem_temp_max_c - LIM.margin_c)
+    at_targets = obs(
+        t, temps=(LIM.gpu_temp_max_c - LIM.margin_c, 50.0), mem=LIM.mem_temp_max_c - LIM.margin_c
+    )
     d = layer.apply(at_targets, Decision((200, 200), "mpc", "none"))
     assert d.reason == "mpc" and d.caps == (200, 200)
     assert layer.ceiling(obs(t, mem=LIM.mem_temp_max_c - 0.5))[0] is None
