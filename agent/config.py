@@ -270,6 +270,8 @@ class ControlConfig(_Section):
             "safe_cap",
             "leak_cap",
             "cap_rise_per_s",
+            "node_power_ramp_w_per_s",
+            "tpot_slo_s",
         )
     }
 
@@ -292,6 +294,15 @@ class ControlConfig(_Section):
     safe_cap: int = Field(default=8, ge=0)
     leak_cap: int = Field(default=4, ge=0)
     cap_rise_per_s: float = Field(default=32.0, gt=0)
+    node_power_ramp_w_per_s: float | None = Field(
+        default=None, gt=0, description="largest node power rise per second the MPC plans (grid smoothing)"
+    )
+    tpot_slo_s: float | None = Field(
+        default=None,
+        gt=0,
+        le=10,
+        description="per-token latency SLO: caps stay at the concurrency meeting it",
+    )
 
     @model_validator(mode="after")
     def _caps(self) -> ControlConfig:

@@ -79,6 +79,8 @@ class MpcSettings:
         flow_lookahead_s: A falling flow trend is extrapolated this far (then held) for the
             coolant heat constraint: about the plates' time constant, the time the heat
             they store takes to reach the coolant.
+        flow_anticipate_frac: The extrapolated flow stays at least this fraction of the flow
+            now (a trend does not say where a falling flow stops).
     """
 
     step_s: float = 1.0
@@ -94,7 +96,8 @@ class MpcSettings:
     budget_sigmas: float = 3.0
     split: Literal["even", "packed"] = "even"
     flow_trend_s: float = 2.0
-    flow_lookahead_s: float = 5.0
+    flow_lookahead_s: float = 3.0
+    flow_anticipate_frac: float = 0.75
 
 
 @dataclass(frozen=True, slots=True)
@@ -432,7 +435,8 @@ class MpcController:
         else:
             slope = min(self._flow_slope_lpm_per_s, 0.0)
             ahead = t_rows_s <= s.flow_lookahead_s
-            flows = np.where(ahead, np.maximum(flow_lpm + slope * t_rows_s, 0.05 * ref), flow_lpm)
+            low = max(s.flow_anticipate_frac * flow_lpm, 0.05 * ref)
+            flows = np.where(ahead, np.maximum(flow_lpm + slope * t_rows_s, low), flow_lpm)
             cap_w = lim.coolant_heat_max_w(1.0) * flows  # ṁ·cp·ΔT is linear in flow
         kind: Binding = "coolant_flow"
         if share is not None and share.coolant_heat_w < float(np.min(cap_w)):
@@ -449,14 +453,14 @@ class MpcController:
         free = np.append(pred.a_pow[:, 1, :] @ x_node, 0.0)
         pd_node = np.sum(pd, axis=0)
         room = x_max - free
-        # Over the limit already, or bound to be with nothing more admitted (a step in flow,
-        # requests in flight draining): hold power at the limit the flow now sets and let the
-        # heat the plates store decay into the coolant; removing it at once would cut power
-        # far below the limit and send every GPU towards min_cap (that plan's excess is allowed).
-        excess = pred.h_plate[0] @ pd_node - room[:-1]
-        if x_node[1] > x_max[0] or np.any(excess > 0.0):
-            at_limit = pred.h_plate[0] @ np.maximum(pd_node, float(cap_w[-1]))
-            room[:-1] += np.maximum(np.maximum(at_limit - room[:-1], excess), 0.0) + 1e-6
+        # Heat the plates already store above the limit the flow now sets (a step in flow,
+        # requests in flight draining) is let decay into the coolant while power is held at
+        # that limit: the excess of that plan over the limit now is allowed on every row.
+        # Removing it at once would cut power far below the limit, towards min_cap; a falling
+        # flow's anticipated, lower limits still apply on top.
+        h_pd = pred.h_plate[0] @ pd_node
+        at_limit = free[:-1] + pred.h_plate[0] @ np.maximum(pd_node, float(cap_w[-1]))
+        room[:-1] += np.maximum(np.maximum(at_limit - float(x_max[-1]), h_pd - room[:-1]), 0.0) + 1e-6
         held = self._largest_held(
             room[None, None, :], pred.h_plate, pred.plate_pos, pred.plate_g, r_pc[-1:], pd_node[None, :]
         )
