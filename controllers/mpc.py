@@ -348,7 +348,7 @@ class MpcController:
         if share is not None and share.power_w < node_w:
             node_w, node_kind = share.power_w, "rack_power"
         if flow_lpm is not None or share is not None:
-            q_w, q_kind = self._heat_power_w(flow_lpm, share, pd)
+            q_w, q_kind = self._heat_power_w(flow_lpm, share, pd, conc)
             if q_w < node_w:
                 node_w, node_kind = q_w, q_kind
         ramp = lim.node_power_ramp_w_per_s
@@ -406,7 +406,7 @@ class MpcController:
         return Decision(tuple(int(c) for c in caps), "mpc", binding, t_max)
 
     def _heat_power_w(
-        self, flow_lpm: float | None, share: NodeShare | None, pd: FloatArray
+        self, flow_lpm: float | None, share: NodeShare | None, pd: FloatArray, conc: FloatArray
     ) -> tuple[float, Binding]:
         """Largest node power held over the horizon with the heat into the coolant in limits.
 
@@ -420,6 +420,8 @@ class MpcController:
             flow_lpm: Node flow now, or None (unknown: reference flow, share's limit only).
             share: The rack share, or None.
             pd: (n, N) drained power per GPU and step (requests in flight are not killed).
+            conc: Requests in flight per GPU: the flow is anticipated at least as far as they
+                take to drain (power cannot fall faster).
 
         Returns:
             (node power in W, binding); (inf, "none") if nothing limits it.
@@ -434,7 +436,8 @@ class MpcController:
             cap_w = np.full(n, np.inf)
         else:
             slope = min(self._flow_slope_lpm_per_s, 0.0)
-            ahead = t_rows_s <= s.flow_lookahead_s
+            drain_s = float(s.requests.duration_s(float(np.max(conc, initial=0.0))))
+            ahead = t_rows_s <= max(s.flow_lookahead_s, drain_s)
             low = max(s.flow_anticipate_frac * flow_lpm, 0.05 * ref)
             flows = np.where(ahead, np.maximum(flow_lpm + slope * t_rows_s, low), flow_lpm)
             cap_w = lim.coolant_heat_max_w(1.0) * flows  # ṁ·cp·ΔT is linear in flow
@@ -445,6 +448,8 @@ class MpcController:
             cap_w = np.minimum(cap_w, share.coolant_heat_w)
         if not np.all(np.isfinite(cap_w)):
             return math.inf, "none"
+        # Power noise is not in the plan: keep budget_sigmas of it free, as under the budget.
+        cap_w = cap_w - s.budget_sigmas * self.power_model.node_noise_w()
         r_pc = self.model.r_plate_coolant_k_per_w * (ref / flows) ** self.model.flow_exponent
         # Steady state at the flow now (the trend is not extrapolated for ever).
         x_max = np.append(cap_w * r_pc, cap_w[-1] * r_pc[-1])  # (N+1,), last: steady
