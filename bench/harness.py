@@ -1,21 +1,32 @@
 """Scenario harness: runs controllers against the true-parameter plant and scores them.
 
-A scenario (TOML, see ``bench/scenarios/``) gives the plant, the offered load, coolant
-supply temperature and flow schedules, leak events, stale-sensor intervals and limits.
-Every controller's decision goes through the :class:`~rackguard.controllers.safety.SafetyLayer`.
-Leak events are delivered between ticks after ``leak_delay_s`` (the agent applies
-safety immediately on a leak message).
+A scenario (TOML, see ``bench/scenarios/README.md``) gives the plant (or a ``model fit`` JSON
+file), the offered load (schedule or CSV), coolant supply temperature and flow schedules
+(points, periodic, seeded random, sums), the rack share over time, leak detector states with
+operator acks, coolant silences with their detection delay (``max_age_s``), limits and the
+TPOT SLO. Every controller's decision goes through the
+:class:`~rackguard.controllers.safety.SafetyLayer`. Leak events are delivered between ticks
+after ``leak_delay_s`` (the agent applies safety immediately on a leak message).
+
+Scores: goodput (tokens per second from requests meeting the TPOT SLO, DistServe's
+definition; every request in flight on a GPU decodes at that GPU's TPOT), served
+concurrency, seconds over each limit (die, HBM, node power, heat into the coolant) and
+smoothness (cap reversals per minute, node power's largest drop and rise between steps,
+its total variation per minute, its largest drop beyond what the limit needed).
 
 The oracle is a clairvoyant controller: it reads the true plant state, knows the future
-load, supply and flow, has no measurement noise and no model error, and each tick holds
-for 30 s the allocation that serves most while its noise-free future keeps the same
-constraints the MPC is given (die ≤ max − margin, HBM ≤ mem max − margin, node power ≤
-what the flow carries and ≤ budget less 3σ of the node's 1 s power noise, which it
-cannot foresee). Allocations: one common cap, or k GPUs at the hottest GPU's thermal cap,
-one at a remainder and the rest at min_cap (with a concave power curve this serves more
-per watt under a node limit). It goes through the same safety layer. It is a
-receding-horizon optimum over caps held for 30 s, not a global one: a controller that
-changes caps every tick (duty cycling on a concave power curve) can exceed it.
+load, supply, flow and rack share, has no measurement noise and no model error, and each
+tick holds for 30 s the allocation with the most goodput whose noise-free future keeps the
+same constraints the MPC is given (die ≤ max − margin, HBM ≤ mem max − margin, node power ≤
+budget and share less 3σ of the node's 1 s power noise, which it cannot foresee, and the
+heat into the coolant ≤ what the flow carries at design ΔT and the share's heat, checked at
+step ends with 1 % spare). Allocations: one common cap, or k GPUs at the hottest GPU's
+thermal cap, one at a remainder and the rest at min_cap. It goes through the same safety
+layer. It is a receding-horizon optimum over caps held for 30 s, not a global one.
+
+Knowing the future is not a fair reference while the flow, supply or share change, so
+the ``causal`` reference is the same controller told that load, supply, flow and share stay
+as they are now (it still reads the true state and has no model error). Both are reported.
 """
 
 from __future__ import annotations
