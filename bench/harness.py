@@ -277,7 +277,7 @@ def _schedule(
                 return _schedule(raw["points"], key, step=bool(raw.get("step", step)))
             if kind == "periodic":
                 spec = dict(raw["periodic"])
-                per = Periodic(**{k: (str(v) if k == "shape" else float(v)) for k, v in spec.items()})
+                per = Periodic(**{k: (str(v) if k == "shape" else float(v)) for k, v in spec.items()})  # type: ignore[arg-type]
                 if per.period_s <= 0 or per.shape not in ("sine", "triangle", "square"):
                     raise ScenarioError(f"{key}.periodic: period_s > 0 and shape sine/triangle/square")
                 return per
@@ -808,7 +808,7 @@ def run(scenario: Scenario, controller: str, *, clock: Callable[[], float] = tim
             for p in due:
                 if abs(p[0] - t_now) < 1e-9:
                     pending_leaks.remove(p)
-            leak_obs = replace(obs, t_s=t_now, coolant=replace(obs.coolant, leak=leak_state(scn, t_now)))
+            leak_obs = replace(obs, t_s=t_now, coolant=replace(obs.coolant, leak=leak_state(scn, t_now)))  # type: ignore[arg-type]
             dec = safety.apply(leak_obs, dec)
             note_leak(t_now, leak_obs.coolant.leak, dec)
             caps = np.array(dec.caps, dtype=float)

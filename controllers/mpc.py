@@ -367,8 +367,8 @@ class MpcController:
         # cap no longer fits.
         unconstrained = p_allow >= p_max
         t_now = self._t_s if self._t_s is not None else 0.0
-        held = t_now - self._fall_t_s < s.rise_hold_s
-        spare_w = np.where(held, s.rise_hold_factor * s.rise_hysteresis_w, s.rise_hysteresis_w)
+        holding = t_now - self._fall_t_s < s.rise_hold_s
+        spare_w = np.where(holding, s.rise_hold_factor * s.rise_hysteresis_w, s.rise_hysteresis_w)
         p_rise = np.where(unconstrained, p_allow, p_allow - spare_w)
         caps_rise = pm.max_concurrency(p_rise, lim.min_cap, lim.max_cap)
         prev = np.clip(self._caps, lim.min_cap, lim.max_cap)  # limits may change on reload
