@@ -272,7 +272,7 @@ def test_rack_share_tightens_the_node_and_never_loosens_it() -> None:
     assert p_tight <= 1200.0 * 1.1 < p_none
 
 
-def _closed_loop(
+def _run_node(
     lim: Limits,
     *,
     steps: int,
@@ -329,7 +329,7 @@ def test_heat_into_the_coolant_stays_under_what_the_flow_carries_as_flow_swings(
     def flow(t: float) -> float:
         return 8.4 + 3.6 * np.cos(2 * np.pi * max(t - 40.0, 0.0) / 60.0)
 
-    _, power, heat, _ = _closed_loop(lim, steps=220, flow_lpm=flow, n=8)
+    _, power, heat, _ = _run_node(lim, steps=220, flow_lpm=flow, n=8)
     limit = [lim.coolant_heat_max_w(flow(float(k))) for k in range(220)]
     # Without an SLO, 256 in flight per GPU drain for 15 s after a cut: within 1 % here, and
     # 0 s over in the shipped flow_swing scenario (test_mpc_zero_seconds_over_limit).
@@ -343,7 +343,7 @@ def test_tpot_slo_caps_concurrency() -> None:
     lim = Limits(tpot_slo_s=0.05)
     c_slo = RequestTiming().max_concurrency_for_slo(0.05)
     assert 100 < c_slo < 110
-    caps, _, _, _ = _closed_loop(lim, steps=40, offered=256.0)
+    caps, _, _, _ = _run_node(lim, steps=40, offered=256.0)
     mpc = MpcController(lim, 4)
     gpus = tuple(GpuObs(40.0, 40.0, 300.0, 10.0) for _ in range(4))
     assert max(mpc.step(Observation(1.0, gpus, CoolantObs(30.0, 12.0))).caps) <= c_slo
@@ -354,8 +354,9 @@ def test_node_power_ramp_limit() -> None:
     """With a ramp limit, node power rises at most that fast per step (plus the power noise)."""
     ramp = 150.0
     lim = Limits(node_power_ramp_w_per_s=ramp)
-    _, power, _, _ = _closed_loop(lim, steps=60, n=4)
-    _, power_free, _, _ = _closed_loop(Limits(), steps=60, n=4)
-    rises = np.diff(power)
+    _, power, _, _ = _run_node(lim, steps=60, n=4)
+    _, power_free, _, _ = _run_node(Limits(), steps=60, n=4)
+    idle_w = 4 * 120.0  # the plant starts idle
+    rises = np.diff([idle_w, *power])
     assert float(np.max(rises)) <= ramp + 60.0  # 4 GPUs × 10 W AR(1) noise, measured over 1 s
-    assert float(np.max(np.diff(power_free))) > 2 * ramp  # unlimited, it jumps
+    assert float(np.max(np.diff([idle_w, *power_free]))) > 2 * ramp  # unlimited, it jumps
