@@ -439,7 +439,7 @@ class MpcController:
             drain_s = float(s.requests.duration_s(float(np.max(conc, initial=0.0))))
             ahead = t_rows_s <= max(s.flow_lookahead_s, drain_s)
             low = max(s.flow_anticipate_frac * flow_lpm, 0.05 * ref)
-            flows = np.where(ahead, np.maximum(flow_lpm + slope * t_rows_s, low), flow_lpm)
+            flows = np.where(ahead, np.maximum(flow_lpm + slope * t_rows_s, low), max(flow_lpm, 0.05 * ref))
             cap_w = lim.coolant_heat_max_w(1.0) * flows  # ṁ·cp·ΔT is linear in flow
         kind: Binding = "coolant_flow"
         if share is not None and share.coolant_heat_w < float(np.min(cap_w)):
