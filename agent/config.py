@@ -449,6 +449,8 @@ class ControlConfig(_Section):
             "leak_cap",
             "cap_rise_per_s",
             "thermal_model_file",
+            "node_power_ramp_w_per_s",
+            "tpot_slo_s",
         )
     }
 
@@ -481,6 +483,16 @@ class ControlConfig(_Section):
         if v is not None:
             read_thermal_model(v)
         return v
+
+    node_power_ramp_w_per_s: float | None = Field(
+        default=None, gt=0, description="largest node power rise per second the MPC plans (grid smoothing)"
+    )
+    tpot_slo_s: float | None = Field(
+        default=None,
+        gt=0,
+        le=10,
+        description="per-token latency SLO: caps stay at the concurrency meeting it",
+    )
 
     @model_validator(mode="after")
     def _caps(self) -> ControlConfig:

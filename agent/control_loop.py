@@ -47,6 +47,8 @@ def limits_from(cfg: ControlConfig, coolant: CoolantConfig, infos: list[GpuInfo]
         safe_cap=cfg.safe_cap,
         leak_cap=cfg.leak_cap,
         cap_rise_per_s=cfg.cap_rise_per_s,
+        node_power_ramp_w_per_s=cfg.node_power_ramp_w_per_s,
+        tpot_slo_s=cfg.tpot_slo_s,
         gpu_power_max_w=max(power_max) if power_max else 700.0,
     )
 

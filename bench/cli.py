@@ -37,7 +37,17 @@ def register(sub: Any) -> None:
     )
     c.add_argument("--json", action="store_true", help="print one JSON object")
     c.add_argument(
-        "--plot", type=Path, metavar="DIR", help="write one PNG per scenario (needs the 'plot' extra)"
+        "--plot",
+        type=Path,
+        metavar="DIR",
+        help="write one PNG per scenario: cap, node power and heat into the coolant with their limits, "
+        "hottest die/HBM with theirs, events marked (needs the 'plot' extra)",
+    )
+    c.add_argument(
+        "--trace",
+        type=Path,
+        metavar="DIR",
+        help="write one CSV per scenario and controller (oracle and causal included), one row per step",
     )
     c.add_argument("--duration-s", type=float, help="override every scenario's duration (quick runs)")
     c.add_argument(
@@ -98,11 +108,11 @@ def _usage(parser: argparse.ArgumentParser) -> int:
 def cmd_controllers(args: argparse.Namespace) -> int:
     """Run every scenario × controller; print a table or JSON."""
     from rackguard.bench.harness import (
-        CONTROLLERS,
         ScenarioError,
         bench_scenario,
         load_scenario,
         scenario_files,
+        write_trace,
     )
 
     plt: Any = None
@@ -146,56 +156,107 @@ def cmd_controllers(args: argparse.Namespace) -> int:
         print(f" {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
         if plt is not None:
             _plot(plt, args.plot, scn.name, r)
+        if args.trace is not None:
+            args.trace.mkdir(parents=True, exist_ok=True)
+            for ctrl, res in {"oracle": r["_oracle"], "causal": r["_causal"], **r["_runs"]}.items():
+                write_trace(args.trace / f"{scn.name}.{ctrl}.csv", res)
         results.append(r)
 
-    totals = {name: sum(r["controllers"][name]["served"] for r in results) for name in CONTROLLERS}
-    oracle_total = sum(r["oracle_served"] for r in results)
-    summary = {
-        "served": {k: round(v, 1) for k, v in totals.items()},
-        "oracle_served": round(oracle_total, 1),
-        "mpc_vs_threshold": round(totals["mpc"] / totals["threshold"], 4) if totals["threshold"] else None,
-        "mpc_vs_pid": round(totals["mpc"] / totals["pid"], 4) if totals["pid"] else None,
-        "mpc_oracle_ratio": round(totals["mpc"] / oracle_total, 4) if oracle_total else None,
-        "seconds_over_limit": {
-            k: round(sum(r["controllers"][k]["seconds_over_limit"] for r in results), 2) for k in CONTROLLERS
-        },
-        "seconds_over_target": {
-            k: round(sum(r["controllers"][k]["seconds_over_target"] for r in results), 2) for k in CONTROLLERS
-        },
-    }
+    summary = summarise(results)
     clean = [{k: v for k, v in r.items() if not k.startswith("_")} for r in results]
     if args.json:
         print(json.dumps({"scenarios": clean, "summary": summary}))
         return 0
     cols = (
-        "served",
+        "goodput_tokens_per_s",
         "oracle_ratio",
+        "causal_ratio",
+        "served",
         "seconds_over_limit",
-        "seconds_over_target",
         "max_temp_c",
-        "cap_changes",
+        "cap_reversals_per_min",
+        "max_drop_beyond_need_frac",
         "leak_to_cap_s",
     )
-    print(f"{'scenario':22s} {'ctrl':9s} " + " ".join(f"{c:>18s}" for c in cols))
+    print(f"{'scenario':22s} {'ctrl':9s} " + " ".join(f"{c[:18]:>18s}" for c in cols))
     for r in clean:
-        for name, m in r["controllers"].items():
-            print(f"{r['name']:22s} {name:9s} " + " ".join(f"{m[c]!s:>18s}" for c in cols))
+        rows = {"oracle": r["oracle"], "causal": r["causal"], **r["controllers"]}
+        for name, m in rows.items():
+            print(f"{r['name']:22s} {name:9s} " + " ".join(f"{m.get(c, '-')!s:>18s}" for c in cols))
     print(json.dumps(summary, indent=2))
     return 0
 
 
+def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Totals over the scenarios: goodput and served per controller, ratios, seconds over."""
+    from rackguard.bench.harness import CONTROLLERS
+
+    def total(key: str, name: str) -> float:
+        return float(sum(r["controllers"][name][key] for r in results))
+
+    def ratio(a: float, b: float) -> float | None:
+        return round(a / b, 4) if b else None
+
+    good = {k: total("goodput", k) for k in CONTROLLERS}
+    served = {k: total("served", k) for k in CONTROLLERS}
+    oracle_good = float(sum(r["oracle"]["goodput"] for r in results))
+    causal_good = float(sum(r["causal"]["goodput"] for r in results))
+    return {
+        "goodput": {k: round(v) for k, v in good.items()}
+        | {"oracle": round(oracle_good), "causal": round(causal_good)},
+        "served": {k: round(v, 1) for k, v in served.items()},
+        "oracle_served": round(sum(r["oracle_served"] for r in results), 1),
+        "mpc_oracle_ratio": ratio(good["mpc"], oracle_good),
+        "mpc_causal_ratio": ratio(good["mpc"], causal_good),
+        "mpc_oracle_ratio_min": min((r["controllers"]["mpc"]["oracle_ratio"] or 0.0) for r in results),
+        "mpc_vs_pid": ratio(good["mpc"], good["pid"]),
+        "mpc_vs_threshold": ratio(good["mpc"], good["threshold"]),
+        "seconds_over_limit": {k: round(total("seconds_over_limit", k), 2) for k in CONTROLLERS}
+        | {
+            "oracle": round(sum(r["oracle"]["seconds_over_limit"] for r in results), 2),
+            "causal": round(sum(r["causal"]["seconds_over_limit"] for r in results), 2),
+        },
+        "seconds_over_target": {k: round(total("seconds_over_target", k), 2) for k in CONTROLLERS},
+    }
+
+
 def _plot(plt: Any, out_dir: Path, name: str, result: dict[str, Any]) -> None:
+    """Cap, node power, heat into the coolant and temperatures of every run, limits dashed, events marked."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    fig, (ax1, ax2) = plt.subplots(2, 1, sharex=True, figsize=(10, 6))
-    runs = {"oracle": result["_oracle"], **result["_runs"]}
+    scn = result["_scenario"]
+    lim = scn.limits
+    fig, axes = plt.subplots(4, 1, sharex=True, figsize=(11, 10))
+    runs = {"oracle": result["_oracle"], "causal": result["_causal"], **result["_runs"]}
     for ctrl, run in runs.items():
-        ax1.plot(run.t_s, run.served_total, label=ctrl, lw=1)
-        ax2.plot(run.t_s, run.max_die_c, label=ctrl, lw=1)
-    ax1.set_ylabel("served concurrency (node)")
-    ax2.set_ylabel("hottest die (°C)")
-    ax2.set_xlabel("t (s)")
-    ax1.legend(loc="lower right")
-    ax1.set_title(name)
+        rows = run.trace
+        t = [r["t_s"] for r in rows]
+        axes[0].plot(t, [r["cap_total"] for r in rows], label=ctrl, lw=1)
+        axes[1].plot(t, [r["node_power_w"] / 1e3 for r in rows], label=ctrl, lw=1)
+        axes[2].plot(t, [r["coolant_heat_w"] / 1e3 for r in rows], label=ctrl, lw=1)
+        axes[3].plot(t, [r["max_die_c"] for r in rows], label=f"{ctrl} die", lw=1)
+        if ctrl == "mpc":
+            axes[3].plot(t, [r["max_mem_c"] for r in rows], label="mpc HBM", lw=1, ls=":")
+    ref = result["_oracle"].trace
+    t = [r["t_s"] for r in ref]
+    axes[1].plot(t, [r["node_power_limit_w"] / 1e3 for r in ref], "k--", lw=1, label="power limit")
+    axes[2].plot(t, [r["coolant_heat_limit_w"] / 1e3 for r in ref], "k--", lw=1, label="heat limit")
+    axes[3].axhline(lim.gpu_temp_max_c, color="k", ls="--", lw=1, label="die max")
+    axes[3].axhline(lim.mem_temp_max_c, color="grey", ls="--", lw=1, label="HBM max")
+    for ax in axes:
+        for t_ev, _label in scn.events():
+            ax.axvline(t_ev, color="tab:red", lw=0.6, alpha=0.5)
+    for t_ev, label in scn.events():
+        axes[0].annotate(
+            label, (t_ev, 1.0), xycoords=("data", "axes fraction"), fontsize=7, rotation=90, va="top"
+        )
+    axes[0].set_ylabel("total cap")
+    axes[1].set_ylabel("node power (kW)")
+    axes[2].set_ylabel("heat into coolant (kW)")
+    axes[3].set_ylabel("hottest die / HBM (°C)")
+    axes[3].set_xlabel("t (s)")
+    for ax in axes:
+        ax.legend(loc="lower right", fontsize=7)
+    axes[0].set_title(name)
     fig.tight_layout()
     fig.savefig(out_dir / f"{name}.png", dpi=100)
     plt.close(fig)

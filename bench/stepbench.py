@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from rackguard.bench.harness import SCENARIO_DIR, leak_state, load_scenario, make_controller, scenario_files
-from rackguard.controllers.api import Observation
+from rackguard.bench.harness import SCENARIO_DIR, load_scenario, make_controller, observe, scenario_files
+from rackguard.controllers.api import CoolantObs, Observation
 from rackguard.controllers.mpc import MpcController
 from rackguard.controllers.safety import SafetyLayer
 from rackguard.sim.plant import Plant
@@ -33,10 +33,11 @@ def record(path: Path) -> tuple[MpcController, list[Observation]]:
     assert isinstance(ctrl, MpcController)
     safety = SafetyLayer(scn.limits)
     stream = []
+    held: CoolantObs | None = None
     for k in range(round(scn.duration_s / scn.tick_s)):
         t = k * scn.tick_s
-        stale = any(a <= t < b for a, b in scn.stale)
-        obs = plant.observe(t, leak=leak_state(scn, t), stale=stale)
+        obs = observe(scn, plant, t, held)
+        held = held if scn.silent(t) else obs.coolant
         stream.append(obs)
         dec = safety.apply(obs, ctrl.step(obs))
         offered = np.full(scn.plant.n_gpus, scn.load.at(t))
@@ -47,6 +48,7 @@ def record(path: Path) -> tuple[MpcController, list[Observation]]:
             scn.supply_c.at(t),
             scn.flow_lpm.at(t),
             scn.limits,
+            scn.share_at(t),
         )
     return ctrl, stream
 

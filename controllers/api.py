@@ -89,7 +89,8 @@ class Limits:
         mem_temp_max_c: HBM temperature limit (NVML "memory max").
         slowdown_c: Hardware slowdown temperature.
         margin_c: The MPC keeps predictions this far below the limits; the safety layer
-            trips at slowdown_c - margin_c. 2 K covers the measurement rounding (NVML reads
+            trips at slowdown_c - margin_c (die) and mem_temp_max_c (HBM), so every MPC
+            target sits a gap below its trip (hysteresis). 2 K covers the measurement rounding (NVML reads
             whole °C) and the ±1 K the die swings with power noise between control steps
             (BENCHMARKS.md, "Controllers": margin sweep).
         node_power_budget_w: Node GPU power budget, or None for none.
@@ -102,6 +103,10 @@ class Limits:
         leak_cap: Cap on a leak warning (a critical leak gives 0).
         cap_rise_per_s: Largest allowed cap increase per second.
         gpu_power_max_w: Largest power one GPU can draw (H100 enforced limit).
+        node_power_ramp_w_per_s: Largest rise of node power per second the MPC plans
+            (power smoothing for the grid's sake), or None for none.
+        tpot_slo_s: Per-token latency SLO (time per output token); the MPC caps each GPU
+            at the concurrency that meets it. None: no SLO.
     """
 
     gpu_temp_max_c: float = 87.0
@@ -118,6 +123,8 @@ class Limits:
     leak_cap: int = 4
     cap_rise_per_s: float = 32.0
     gpu_power_max_w: float = 700.0
+    node_power_ramp_w_per_s: float | None = None
+    tpot_slo_s: float | None = None
 
     def coolant_heat_max_w(self, flow_lpm: float) -> float:
         """Heat the measured flow carries at the design ΔT: Q = ṁ·cp·ΔT.

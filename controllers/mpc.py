@@ -16,20 +16,27 @@ Each step, per GPU:
    monotone in the held power: the tail's largest feasible power is exact by segments
    (rows are linear in it between drain breakpoints); the first block's cap is bisected
    with the requests it admits draining after it;
-4. node constraints (power budget less 3σ of the node's summed power noise, heat the
-   measured flow carries at design ΔT; draining power counts as committed) are shared either by water-filling a common
-   per-GPU power ceiling or by filling GPUs one after another (the rest at ``min_cap``),
-   whichever gives the larger summed cap: with a concave power curve the packed split
-   serves far more concurrency per watt;
-5. the largest integer cap whose conservative power fits is found by bisection; a rise
-   smaller than ``raise_deadband`` is not taken (the change penalty), falls always are.
+4. node constraints: the power budget (less 3σ of the node's summed power noise) and the
+   rack share's power; the **heat into the coolant** (plate → coolant, Q = x_plate/R_pc(flow)),
+   kept below what the flow carries at design ΔT (and the share's coolant heat) on every row
+   of the horizon, with the plates' stored heat and a falling flow's trend extrapolated; and
+   the node power ramp limit. Draining power counts as committed. The node's power is split
+   by ``MpcSettings.split``: ``even`` (default) water-fills a common per-GPU ceiling,
+   ``packed`` fills GPUs one after another (the rest at ``min_cap``). When the power
+   already committed exceeds the limit, each GPU gets its share of the limit as a ceiling:
+   it admits nothing until its requests drain to it (never min_cap unless the limit is
+   below the floors);
+5. the largest integer cap whose conservative power fits is found on the power grid; a rise
+   smaller than ``raise_deadband`` is not taken (the change penalty), falls always are. Caps
+   never exceed the concurrency whose time per output token meets ``Limits.tpot_slo_s``
+   (the objective is goodput: tokens per second from requests meeting the SLO).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import get_args
+from dataclasses import dataclass, field, replace
+from typing import Literal, get_args
 
 import numpy as np
 from numpy.typing import NDArray
@@ -58,8 +65,22 @@ class MpcSettings:
         requests: Request duration vs concurrency: after a cut, requests in flight drain
             as they complete (the gate never kills one), so the cut power falls slowly.
         rise_hysteresis_w: A cap rises only if its power fits with this much to spare.
+        rise_hold_s: For this long after a GPU's cap fell, a rise needs
+            ``rise_hold_factor`` × ``rise_hysteresis_w`` to spare: the cap does not reverse
+            on every degree of sensor noise.
+        rise_hold_factor: See ``rise_hold_s``.
         budget_sigmas: Standard deviations of the node's summed power noise kept free
             under the node power budget.
+        split: How a node limit is shared: ``even`` (a common per-GPU power ceiling; every
+            GPU serves requests at the same latency) or ``packed`` (GPUs filled one after
+            another, the rest at ``min_cap``: more concurrency per watt on a concave power
+            curve, but requests on the full GPUs are slow).
+        flow_trend_s: Time constant of the flow trend's filter.
+        flow_lookahead_s: A falling flow trend is extrapolated this far (then held) for the
+            coolant heat constraint: about the plates' time constant, the time the heat
+            they store takes to reach the coolant.
+        flow_anticipate_frac: The extrapolated flow stays at least this fraction of the flow
+            now (a trend does not say where a falling flow stops).
     """
 
     step_s: float = 1.0
@@ -70,7 +91,13 @@ class MpcSettings:
     boost_block_s: float = 3.0
     requests: RequestTiming = field(default_factory=RequestTiming)
     rise_hysteresis_w: float = 5.0
+    rise_hold_s: float = 60.0
+    rise_hold_factor: float = 6.0
     budget_sigmas: float = 3.0
+    split: Literal["even", "packed"] = "even"
+    flow_trend_s: float = 2.0
+    flow_lookahead_s: float = 3.0
+    flow_anticipate_frac: float = 0.75
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +111,9 @@ class _Predictor:
     steady: FloatArray  # (2,): steady rise per watt, die and HBM
     tail_pos: NDArray[np.bool_]  # (2, N, N+1): tail_g > 0 (see _largest_held)
     tail_g: FloatArray  # (2, N, N+1): Σ_{j≥J} h[k, j], 1.0 where not positive
+    h_plate: FloatArray  # (1, N, N): plate response (the coolant heat rows)
+    plate_pos: NDArray[np.bool_]  # (1, N, N+1): as tail_pos, plate
+    plate_g: FloatArray  # (1, N, N+1): as tail_g, plate
 
 
 class MpcController:
@@ -104,10 +134,10 @@ class MpcController:
         *,
         settings: MpcSettings | None = None,
     ) -> None:
-        self.limits = limits
+        self.settings = settings or MpcSettings()
+        self.limits = limits  # the property also derives the SLO's cap
         self.n_gpus = n_gpus
         self.model = model
-        self.settings = settings or MpcSettings()
         self.power_model = OnlinePowerModel(n_gpus, limits.gpu_power_max_w)
         self.die = GainOffsetTracker(n_gpus)
         self.mem = GainOffsetTracker(n_gpus)
@@ -117,8 +147,29 @@ class MpcController:
         self._supply_slope_c_per_s = 0.0
         self._mem_seen = np.zeros(n_gpus, dtype=bool)
         self._caps = np.full(n_gpus, limits.min_cap, dtype=np.int64)
+        self._fall_t_s = np.full(n_gpus, -math.inf)
         self._predictors: dict[int | None, _Predictor] = {}
+        self._flow_lpm: float | None = None
+        self._flow_slope_lpm_per_s = 0.0
+        self._node_power_w: float | None = None
+        self._dt_s = self.settings.step_s
         self.last_power_allowed_w = np.zeros(n_gpus)
+
+    @property
+    def limits(self) -> Limits:
+        """The limits (temperature targets are ``margin_c`` below them)."""
+        return self._limits_given
+
+    @limits.setter
+    def limits(self, limits: Limits) -> None:
+        self._limits_given = limits
+        # Caps never exceed the concurrency that meets the TPOT SLO (nor go below min_cap).
+        slo_cap = self.settings.requests.max_concurrency_for_slo(limits.tpot_slo_s)
+        hi = max(
+            limits.min_cap,
+            min(limits.max_cap, math.floor(slo_cap) if math.isfinite(slo_cap) else limits.max_cap),
+        )
+        self._lim = limits if hi == limits.max_cap else replace(limits, max_cap=hi)
 
     # --- model -----------------------------------------------------------------------------------
     def _predictor(self, flow_lpm: float | None) -> _Predictor:
@@ -148,6 +199,10 @@ class MpcController:
             g = np.zeros((2, n, n + 1))
             g[:, :, :-1] = np.cumsum(h_both[:, :, ::-1], axis=2)[:, :, ::-1]
             pos = g > 1e-12
+            h_plate = np.ascontiguousarray(h[None, :, :, 1])
+            gp = np.zeros((1, n, n + 1))
+            gp[:, :, :-1] = np.cumsum(h_plate[:, :, ::-1], axis=2)[:, :, ::-1]
+            pos_p = gp > 1e-12
             pred = _Predictor(
                 a_pow,
                 np.vstack([gain, steady]),
@@ -158,6 +213,9 @@ class MpcController:
                 np.array([steady[0], steady[2]]),
                 pos,
                 np.where(pos, g, 1.0),
+                h_plate,
+                pos_p,
+                np.where(pos_p, gp, 1.0),
             )
             if len(self._predictors) > 512:
                 self._predictors.clear()
@@ -206,8 +264,18 @@ class MpcController:
                 slope = (supply_meas - self._supply_c) / dt_s
                 alpha = min(dt_s / 30.0, 1.0)
                 self._supply_slope_c_per_s += alpha * (slope - self._supply_slope_c_per_s)
+            if self._flow_lpm is not None and flow is not None:
+                slope = (flow - self._flow_lpm) / dt_s
+                alpha = min(dt_s / s.flow_trend_s, 1.0)
+                self._flow_slope_lpm_per_s += alpha * (slope - self._flow_slope_lpm_per_s)
         self._t_s = obs.t_s
         self._supply_c = supply_c
+        self._dt_s = dt_s
+        if flow is None:
+            self._flow_slope_lpm_per_s = 0.0
+        self._flow_lpm = flow
+        valid_p = have_power & ~lost
+        self._node_power_w = float(np.sum(power_meas[valid_p])) if np.any(valid_p) else None
 
         have_t = np.isfinite(temp_c)
         self.die.update(self._x[:, 0], np.where(have_t, temp_c - supply_c, 0.0), have_t, dt_s)
@@ -227,7 +295,7 @@ class MpcController:
         conc: FloatArray,
         share: NodeShare | None = None,
     ) -> Decision:
-        lim = self.limits
+        lim = self._lim
         s = self.settings
         pred = self._predictor(flow_lpm)
         n_rows = s.horizon_steps + 1
@@ -255,7 +323,9 @@ class MpcController:
         # power of step j is max(held power, power of the drained concurrency), pd (n, N).
         pd = self._drained_power_w(conc, s.horizon_steps)
         # The largest power held over the whole horizon and beyond (drain included).
-        held = self._largest_held(np.stack([room_die, room_mem]), pred, pd)
+        held = self._largest_held(
+            np.stack([room_die, room_mem]), pred.h_both, pred.tail_pos, pred.tail_g, pred.steady, pd
+        )
         p_die = held[0]
         p_mem = np.where(self._mem_seen, held[1], np.inf)
         p_tail = np.clip(np.minimum(p_die, p_mem), 0.0, p_max)
@@ -275,15 +345,17 @@ class MpcController:
             # The budget is kept by the node's 1 s average, which sums every GPU's noise.
             node_w = lim.node_power_budget_w - s.budget_sigmas * self.power_model.node_noise_w()
             node_kind = "power"
-        if flow_lpm is not None:
-            q_w = lim.coolant_heat_max_w(flow_lpm)
+        if share is not None and share.power_w < node_w:
+            node_w, node_kind = share.power_w, "rack_power"
+        if flow_lpm is not None or share is not None:
+            q_w, q_kind = self._heat_power_w(flow_lpm, share, pd, conc)
             if q_w < node_w:
-                node_w, node_kind = q_w, "coolant_flow"
-        if share is not None:
-            if share.power_w < node_w:
-                node_w, node_kind = share.power_w, "rack_power"
-            if share.coolant_heat_w < node_w:
-                node_w, node_kind = share.coolant_heat_w, "rack_coolant"
+                node_w, node_kind = q_w, q_kind
+        ramp = lim.node_power_ramp_w_per_s
+        if ramp is not None and self._node_power_w is not None:
+            r_w = self._node_power_w + ramp * self._dt_s
+            if r_w < node_w:
+                node_w, node_kind = r_w, "power"
         node_bound = False
         if math.isfinite(node_w) and float(np.sum(p_allow)) > node_w:
             p_allow = self._share_node_power(p_allow, node_w, lost, pd[:, 0])
@@ -294,7 +366,10 @@ class MpcController:
         # unconstrained) and be at least raise_deadband; a fall happens only when the current
         # cap no longer fits.
         unconstrained = p_allow >= p_max
-        p_rise = np.where(unconstrained, p_allow, p_allow - s.rise_hysteresis_w)
+        t_now = self._t_s if self._t_s is not None else 0.0
+        holding = t_now - self._fall_t_s < s.rise_hold_s
+        spare_w = np.where(holding, s.rise_hold_factor * s.rise_hysteresis_w, s.rise_hysteresis_w)
+        p_rise = np.where(unconstrained, p_allow, p_allow - spare_w)
         caps_rise = pm.max_concurrency(p_rise, lim.min_cap, lim.max_cap)
         prev = np.clip(self._caps, lim.min_cap, lim.max_cap)  # limits may change on reload
         prev_fits = pm.power_at_caps_w(prev, lim.max_cap) <= p_allow
@@ -305,6 +380,7 @@ class MpcController:
         caps_fall = np.where(pm.power_at_caps_w(caps_fit, lim.max_cap) <= p_rise, caps_fit, caps_rise)
         caps = np.where(prev_fits, np.where((caps > prev) & ~small_rise, caps, prev), caps_fall)
         caps = np.where(lost, lim.min_cap, caps)
+        self._fall_t_s = np.where(caps < prev, t_now, self._fall_t_s)
         self._caps = caps
 
         # Prediction at the chosen caps (for reporting), die only, drain included.
@@ -328,6 +404,72 @@ class MpcController:
             binding = binding_gpu[worst]
         assert binding in get_args(Binding)
         return Decision(tuple(int(c) for c in caps), "mpc", binding, t_max)
+
+    def _heat_power_w(
+        self, flow_lpm: float | None, share: NodeShare | None, pd: FloatArray, conc: FloatArray
+    ) -> tuple[float, Binding]:
+        """Largest node power held over the horizon with the heat into the coolant in limits.
+
+        The heat the plates pass to the coolant is Q = Σ x_plate / R_pc(flow), limited to what
+        the flow carries at design ΔT (and the rack share's coolant heat): a limit on the plate
+        rise, x_plate ≤ Q_max·R_pc(flow), linear in power. The plates' stored heat (their free
+        response) is counted, and a falling flow is extrapolated along its trend: the rows
+        use the predicted flow's limit, the dynamics the lowest flow over the horizon.
+
+        Args:
+            flow_lpm: Node flow now, or None (unknown: reference flow, share's limit only).
+            share: The rack share, or None.
+            pd: (n, N) drained power per GPU and step (requests in flight are not killed).
+            conc: Requests in flight per GPU: the flow is anticipated at least as far as they
+                take to drain (power cannot fall faster).
+
+        Returns:
+            (node power in W, binding); (inf, "none") if nothing limits it.
+        """
+        s = self.settings
+        lim = self._lim
+        n = s.horizon_steps
+        t_rows_s = s.step_s * np.arange(1, n + 1, dtype=float)
+        ref = self.model.flow_ref_lpm
+        if flow_lpm is None:
+            flows = np.full(n, ref)
+            cap_w = np.full(n, np.inf)
+        else:
+            slope = min(self._flow_slope_lpm_per_s, 0.0)
+            drain_s = float(s.requests.duration_s(float(np.max(conc, initial=0.0))))
+            ahead = t_rows_s <= max(s.flow_lookahead_s, drain_s)
+            low = max(s.flow_anticipate_frac * flow_lpm, 0.05 * ref)
+            flows = np.where(ahead, np.maximum(flow_lpm + slope * t_rows_s, low), max(flow_lpm, 0.05 * ref))
+            cap_w = lim.coolant_heat_max_w(1.0) * flows  # ṁ·cp·ΔT is linear in flow
+        kind: Binding = "coolant_flow"
+        if share is not None and share.coolant_heat_w < float(np.min(cap_w)):
+            kind = "rack_coolant"
+        if share is not None:
+            cap_w = np.minimum(cap_w, share.coolant_heat_w)
+        if not np.all(np.isfinite(cap_w)):
+            return math.inf, "none"
+        # Power noise is not in the plan: keep budget_sigmas of it free, as under the budget.
+        cap_w = cap_w - s.budget_sigmas * self.power_model.node_noise_w()
+        r_pc = self.model.r_plate_coolant_k_per_w * (ref / flows) ** self.model.flow_exponent
+        # Steady state at the flow now (the trend is not extrapolated for ever).
+        x_max = np.append(cap_w * r_pc, cap_w[-1] * r_pc[-1])  # (N+1,), last: steady
+        pred = self._predictor(None if flow_lpm is None else float(np.min(flows)))
+        x_node = np.sum(self._x, axis=0)
+        free = np.append(pred.a_pow[:, 1, :] @ x_node, 0.0)
+        pd_node = np.sum(pd, axis=0)
+        room = x_max - free
+        # Heat the plates already store above the limit the flow now sets (a step in flow,
+        # requests in flight draining) is let decay into the coolant while power is held at
+        # that limit: the excess of that plan over the limit now is allowed on every row.
+        # Removing it at once would cut power far below the limit, towards min_cap; a falling
+        # flow's anticipated, lower limits still apply on top.
+        h_pd = pred.h_plate[0] @ pd_node
+        at_limit = free[:-1] + pred.h_plate[0] @ np.maximum(pd_node, float(cap_w[-1]))
+        room[:-1] += np.maximum(np.maximum(at_limit - float(x_max[-1]), h_pd - room[:-1]), 0.0) + 1e-6
+        held = self._largest_held(
+            room[None, None, :], pred.h_plate, pred.plate_pos, pred.plate_g, r_pc[-1:], pd_node[None, :]
+        )
+        return max(float(held[0, 0]), 0.0), kind
 
     def _drained_power_w(self, conc: FloatArray, n_steps: int) -> FloatArray:
         """Conservative power of the requests now in flight, step by step, if none is admitted.
@@ -364,7 +506,7 @@ class MpcController:
             for choosing the binding constraint).
         """
         s = self.settings
-        lim = self.limits
+        lim = self._lim
         n_steps = s.horizon_steps
         k_a = max(1, min(n_steps - 1, round(s.boost_block_s / s.step_s)))
         t_after = s.step_s * (np.arange(n_steps) - k_a + 0.5)
@@ -402,7 +544,14 @@ class MpcController:
         return low, sd[:, 0], sm[:, 0]
 
     @staticmethod
-    def _largest_held(room: FloatArray, pred: _Predictor, pd: FloatArray) -> FloatArray:
+    def _largest_held(
+        room: FloatArray,
+        h: FloatArray,
+        tail_pos: NDArray[np.bool_],
+        tail_g: FloatArray,
+        steady: FloatArray,
+        pd: FloatArray,
+    ) -> FloatArray:
         """Largest power p held over the horizon with every row's forced rise within its room.
 
         Step j's power is max(p, pd_j): requests in flight drain no faster than ``pd``. With
@@ -412,45 +561,54 @@ class MpcController:
         HBM are done together.
 
         Args:
-            room: (2, n, N+1) largest forced rise per row, die and HBM; the last row is the
-                steady state.
-            pred: The predictor (h: response at row k to unit power during step j; steady:
-                steady-state rise per watt, the drain is gone by then).
+            room: (m, n, N+1) largest forced rise per row (m quantities, e.g. die and HBM);
+                the last row is the steady state.
+            h: (m, N, N) response at row k to unit power during step j.
+            tail_pos: (m, N, N+1) Σ_{j≥J} h[k, j] > 0.
+            tail_g: (m, N, N+1) Σ_{j≥J} h[k, j], 1.0 where not positive.
+            steady: (m,) steady-state rise per watt (the drain is gone by then).
             pd: (n, N) drained power per step, non-increasing.
 
         Returns:
-            (2, n) the largest feasible held power (−inf if none, even at zero), die and HBM.
+            (m, n) the largest feasible held power (−inf if none, even at zero).
         """
         n_gpus, n_steps = pd.shape
         rows = room[:, :, :-1]
         # D[g, k, J] = Σ_{j<J} h[k, j]·pd[g, j];  G[k, J] = Σ_{j≥J} h[k, j] (cached in pred).
-        d = np.zeros((2, n_gpus, n_steps, n_steps + 1))
-        np.cumsum(pred.h_both[:, None, :, :] * pd[None, :, None, :], axis=3, out=d[..., 1:])
+        d = np.zeros((h.shape[0], n_gpus, n_steps, n_steps + 1))
+        np.cumsum(h[:, None, :, :] * pd[None, :, None, :], axis=3, out=d[..., 1:])
         slack = rows[..., None] - d
-        pos = pred.tail_pos[:, None]
-        bound = np.where(pos, slack / pred.tail_g[:, None], np.where(slack >= 0, np.inf, -np.inf))
+        pos = tail_pos[:, None]
+        bound = np.where(pos, slack / tail_g[:, None], np.where(slack >= 0, np.inf, -np.inf))
         p_j = np.min(bound, axis=2)  # (2, n, N+1)
         hi = np.concatenate([np.full((n_gpus, 1), np.inf), pd], axis=1)
         lo = np.concatenate([pd, np.zeros((n_gpus, 1))], axis=1)
         cand = np.minimum(p_j, hi)
         cand = np.where(cand >= lo, cand, -np.inf)
-        return np.minimum(np.max(cand, axis=2), room[:, :, -1] / pred.steady[:, None])
+        return np.minimum(np.max(cand, axis=2), room[:, :, -1] / steady[:, None])
 
     def _share_node_power(
         self, p_allow: FloatArray, node_w: float, lost: NDArray[np.bool_], committed_w: FloatArray
     ) -> FloatArray:
-        """Split a node power limit into per-GPU ceilings, maximising the summed caps.
+        """Split a node power limit into per-GPU ceilings (``MpcSettings.split``).
 
-        Two candidates, the one whose caps sum higher wins: an equal ceiling for all
-        (water-filling), and GPUs filled one after another up to their own ceiling while
-        the rest hold ``min_cap``. With a concave power curve (power saturates in
-        concurrency) the second serves more concurrency per watt; with a linear or convex
-        one the first wins. GPUs now at the highest caps are filled first, so the split
-        is stable from tick to tick. A GPU's next-step power is at least ``committed_w``
-        (its requests in flight drain, none is killed): a ceiling up to it costs nothing,
-        and the node's power is max(ceiling, committed) summed (later steps drain lower).
+        ``even``: a common ceiling for all (water-filling). ``packed``: GPUs filled one after
+        another up to their own ceiling (GPUs now at the highest caps first, so the split is
+        stable from tick to tick) while the rest hold ``min_cap``. A GPU's next-step power is
+        at least ``committed_w`` (its requests in flight drain, none is killed): a ceiling up
+        to it costs nothing, and the node's power is max(ceiling, committed) summed.
+
+        When the committed power alone exceeds the limit, no split of the remainder exists:
+        then each GPU gets its even share of the limit (what it may hold once drained), so
+        admissions stop in proportion to the excess; caps fall to ``min_cap`` only if the
+        limit is below the floors.
         """
-        lim = self.limits
+        lim = self._lim
+        floor = np.minimum(
+            self.power_model.conservative_power_w(np.full(self.n_gpus, float(lim.min_cap))), p_allow
+        )
+        if float(np.sum(np.maximum(floor, committed_w))) > node_w:
+            committed_w = np.zeros_like(committed_w)  # over the limit already: share the limit itself
         lo, hi = 0.0, lim.gpu_power_max_w
         for _ in range(40):
             mid = 0.5 * (lo + hi)
@@ -458,22 +616,20 @@ class MpcController:
                 lo = mid
             else:
                 hi = mid
-        equal = np.minimum(p_allow, lo)
-        floor = np.minimum(
-            self.power_model.conservative_power_w(np.full(self.n_gpus, float(lim.min_cap))), p_allow
-        )
+        even = np.maximum(np.minimum(p_allow, lo), floor)
+        if self.settings.split == "even":
+            return even
         base = np.maximum(floor, committed_w)
         spare = node_w - float(np.sum(base))
-        # Over the limit already: hold min_cap everywhere so the requests in flight drain.
-        packed = np.minimum(base if spare >= 0.0 else floor, p_allow)
+        if spare < 0.0:
+            return even
+        packed = np.minimum(base, p_allow)
         for i in np.lexsort((np.arange(self.n_gpus), -self._caps, lost)):
             add = min(float(p_allow[i] - packed[i]), max(spare, 0.0))
             if add > 0.0:
                 packed[i] += add
                 spare -= add
-        served_equal = np.sum(self.power_model.max_concurrency(equal, lim.min_cap, lim.max_cap))
-        served_packed = np.sum(self.power_model.max_concurrency(packed, lim.min_cap, lim.max_cap))
-        return equal if served_equal >= served_packed else packed
+        return packed
 
     def confidence(self) -> FloatArray:
         """Per-GPU identification confidence in [0, 1] (min of thermal gain and power curve)."""

@@ -59,10 +59,46 @@ class RequestTiming:
     Attributes:
         base_s: Duration at vanishing concurrency.
         per_concurrency_s: Added duration per request in flight.
+        tokens_per_request: New tokens a request decodes (the time per output token, TPOT,
+            is the duration divided by this).
     """
 
     base_s: float = 0.8
     per_concurrency_s: float = 0.0535
+    tokens_per_request: float = 128.0
+
+    def tpot_s(self, concurrency: FloatArray | float) -> FloatArray:
+        """Time per output token at a concurrency (vectorised)."""
+        return self.duration_s(concurrency) / self.tokens_per_request
+
+    def tokens_per_s(self, concurrency: FloatArray | float, tpot_slo_s: float | None = None) -> FloatArray:
+        """Goodput of one GPU: tokens per second from requests that meet the TPOT SLO.
+
+        At concurrency c every request in the batch decodes at ``tpot_s(c)``, so the GPU
+        emits c / tpot_s(c) tokens per second; all of them miss the SLO when tpot_s(c) > SLO
+        (DistServe's goodput, per-token latency).
+
+        Args:
+            concurrency: Requests in flight (vectorised).
+            tpot_slo_s: The per-token latency SLO; None counts every token.
+
+        Returns:
+            Tokens per second.
+        """
+        c = np.maximum(np.asarray(concurrency, dtype=float), 0.0)
+        tpot = self.tpot_s(c)
+        out = c / tpot
+        if tpot_slo_s is not None:
+            out = np.where(tpot <= tpot_slo_s * (1.0 + 1e-9), out, 0.0)
+        return np.asarray(out)
+
+    def max_concurrency_for_slo(self, tpot_slo_s: float | None) -> float:
+        """Largest concurrency whose TPOT meets the SLO (inf without one; 0 if none does)."""
+        if tpot_slo_s is None:
+            return math.inf
+        if self.per_concurrency_s <= 0:
+            return math.inf if self.base_s <= tpot_slo_s * self.tokens_per_request else 0.0
+        return max((tpot_slo_s * self.tokens_per_request - self.base_s) / self.per_concurrency_s, 0.0)
 
     def duration_s(self, concurrency: FloatArray | float) -> FloatArray:
         """Mean request duration at a concurrency (vectorised)."""

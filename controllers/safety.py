@@ -4,7 +4,9 @@ Precedence of the decision's reason: leak > thermal > gpu_lost > stale > manual 
 controller's own. Every ceiling only lowers caps. Conditions are node-wide, because the
 GPUs share one coolant loop: a lost GPU may still be heating it, and a hot GPU means
 the loop is in trouble. Caps drop at once; they rise at most ``cap_rise_per_s`` per
-second of ``Observation.t_s``. ``apply`` is cheap (no model, no solver), so the agent
+second of ``Observation.t_s``. Every trip sits above the MPC's target for the same
+temperature (die: slowdown − margin vs max − margin; HBM: max vs max − margin), so the two
+never fight over the same degree. ``apply`` is cheap (no model, no solver), so the agent
 can call it between ticks the moment a leak message arrives.
 """
 
@@ -51,7 +53,7 @@ class SafetyLayer:
         if leak == "warning":
             return lim.leak_cap, "leak"
         trip_c = lim.slowdown_c - lim.margin_c
-        mem_trip_c = lim.mem_temp_max_c - lim.margin_c
+        mem_trip_c = lim.mem_temp_max_c  # the MPC's HBM target is margin_c below it
         for g in obs.gpus:
             if g.lost:
                 continue

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from numpy.typing import NDArray
 
-from rackguard.controllers.api import CoolantObs, GpuObs, Limits, Observation
+from rackguard.controllers.api import CoolantObs, GpuObs, Limits, NodeShare, Observation
 from rackguard.controllers.power import PowerCurve, RequestTiming
 from rackguard.controllers.thermal import N_STATES, ThermalParams, discretize
 
@@ -50,12 +50,33 @@ class PlantConfig:
 
 @dataclass(slots=True)
 class StepStats:
-    """What happened during one :meth:`Plant.advance`."""
+    """What happened during one :meth:`Plant.advance`.
+
+    Attributes:
+        served_s: Served concurrency integrated over time (request·s).
+        tokens: Tokens decoded.
+        good_tokens: Tokens from requests meeting the TPOT SLO (all of them without one).
+        over_limit_s: Time over any limit.
+        over_die_s: Time a true die was above its max.
+        over_mem_s: Time a true HBM was above its max.
+        over_power_s: Time the node power (averaged over the step) was above its limit.
+        over_heat_s: Time the plate→coolant heat was above its limit.
+        over_target_s: Time a true die was above max − margin.
+        max_die_c: Hottest die.
+        heat_w: Plate→coolant heat at the end of the step.
+    """
 
     served_s: float = 0.0
+    tokens: float = 0.0
+    good_tokens: float = 0.0
     over_limit_s: float = 0.0
+    over_die_s: float = 0.0
+    over_mem_s: float = 0.0
+    over_power_s: float = 0.0
+    over_heat_s: float = 0.0
     over_target_s: float = 0.0
     max_die_c: float = -np.inf
+    heat_w: float = 0.0
 
 
 class Plant:
@@ -105,6 +126,7 @@ class Plant:
         supply_c: float,
         flow_lpm: float,
         limits: Limits | None = None,
+        share: NodeShare | None = None,
     ) -> StepStats:
         """Simulate ``duration_s`` with caps and offered load held.
 
@@ -116,10 +138,12 @@ class Plant:
             flow_lpm: Node coolant flow.
             limits: Limits to count violations against (true die/HBM temperature above
                 their max, plate→coolant heat above what the flow carries at design ΔT,
-                node power averaged over the step above budget).
+                node power averaged over the step above budget) and the TPOT SLO goodput
+                is counted against.
+            share: The node's rack share; it tightens the node power and coolant heat limits.
 
         Returns:
-            Served concurrency integral, time over a limit, and the hottest die.
+            Served concurrency integral, tokens, time over each limit, and the hottest die.
         """
         cfg = self.cfg
         self.supply_c = supply_c
@@ -130,6 +154,12 @@ class Plant:
         stats = StepStats()
         node_energy_j = 0.0
         rho = np.exp(-dt / 0.5)
+        heat_max_w = np.inf
+        if limits is not None:
+            heat_max_w = limits.coolant_heat_max_w(flow_lpm)
+            if share is not None:
+                heat_max_w = min(heat_max_w, share.coolant_heat_w)
+        slo = None if limits is None else limits.tpot_slo_s
         for _ in range(steps):
             target = np.minimum(offered, cap)
             decay = np.exp(-dt / cfg.requests.duration_s(self.served))
@@ -143,21 +173,29 @@ class Plant:
             self.energy_j += self.power_w * dt
             self._power_time_s += dt
             stats.served_s += float(np.sum(self.served)) * dt
+            stats.tokens += float(np.sum(cfg.requests.tokens_per_s(self.served))) * dt
+            stats.good_tokens += float(np.sum(cfg.requests.tokens_per_s(self.served, slo))) * dt
             die = self.die_c()
             stats.max_die_c = max(stats.max_die_c, float(np.max(die)))
             if limits is not None:
-                over = bool(np.any(die > limits.gpu_temp_max_c)) or bool(
-                    np.any(self.mem_c() > limits.mem_temp_max_c)
-                )
-                over = over or self.coolant_heat_w() > limits.coolant_heat_max_w(flow_lpm)
-                stats.over_limit_s += dt if over else 0.0
+                over_die = bool(np.any(die > limits.gpu_temp_max_c))
+                over_mem = bool(np.any(self.mem_c() > limits.mem_temp_max_c))
+                over_heat = self.coolant_heat_w() > heat_max_w
+                stats.over_die_s += dt if over_die else 0.0
+                stats.over_mem_s += dt if over_mem else 0.0
+                stats.over_heat_s += dt if over_heat else 0.0
+                stats.over_limit_s += dt if (over_die or over_mem or over_heat) else 0.0
                 hot = bool(np.any(die > limits.gpu_temp_max_c - limits.margin_c))
                 stats.over_target_s += dt if hot else 0.0
                 node_energy_j += float(np.sum(self.power_w)) * dt
+        stats.heat_w = self.coolant_heat_w()
         # The node power budget is an average over the step (like a power-capping window).
         budget = limits.node_power_budget_w if limits is not None else None
+        if share is not None:
+            budget = share.power_w if budget is None else min(budget, share.power_w)
         if budget is not None and node_energy_j / duration_s > budget:
             stats.over_limit_s = duration_s
+            stats.over_power_s = duration_s
         return stats
 
     def observe(self, t_s: float, *, leak: str = "ok", stale: bool = False) -> Observation:
@@ -228,3 +266,35 @@ def predict_max(
         mem_max = np.maximum(mem_max, supply_c[k] + thermal.mem_offset_c + x[:, 2])
     assert x.shape[1] == N_STATES
     return die_max, mem_max
+
+
+def predict_heat_w(
+    thermal: ThermalParams,
+    x0: FloatArray,
+    power_w: FloatArray,
+    flow_lpm: FloatArray,
+    step_s: float,
+) -> FloatArray:
+    """Plate → coolant heat at the end of each step, for many power trajectories at once.
+
+    The GPUs are identical and the model linear, so a node's summed state follows the same
+    dynamics with the node's summed power: pass the summed state and node power for the node.
+
+    Args:
+        thermal: Parameters.
+        x0: Initial state (3,).
+        power_w: Power, shape (m candidates, K steps).
+        flow_lpm: Flow per step (K,).
+        step_s: Step length.
+
+    Returns:
+        Heat into the coolant, (m, K).
+    """
+    m, k_steps = power_w.shape
+    x = np.tile(np.asarray(x0, dtype=float), (m, 1))
+    out = np.empty((m, k_steps))
+    for k in range(k_steps):
+        ad, bd = discretize(thermal, step_s, float(flow_lpm[k]))
+        x = x @ ad.T + power_w[:, k, None] * bd[None, :]
+        out[:, k] = x[:, 1] / thermal.r_plate_at(float(flow_lpm[k]))
+    return out

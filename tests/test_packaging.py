@@ -73,6 +73,9 @@ def test_one_top_level_package(installed: Path) -> None:
     pkg = installed / "rackguard"
     assert {str(p.relative_to(pkg)) for p in pkg.rglob("*.py")} == source_modules()
     assert sorted(p.name for p in (installed / "rackguard" / "bench" / "scenarios").glob("*.toml"))
+    # The files shipped scenarios read (a CSV load, a model fit) ship beside them.
+    data = installed / "rackguard" / "bench" / "scenarios" / "data"
+    assert {p.name for p in data.iterdir()} >= {"diurnal_load.csv", "h100_llm_decode_fit.json"}
 
 
 @pytest.mark.parametrize("name", ["agent", "sensors", "controllers", "sim", "bench"])

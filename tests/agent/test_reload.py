@@ -63,6 +63,8 @@ LIVE: dict[str, tuple[Any, Getter]] = {
     "control.leak_cap": (3, limit("leak_cap")),
     "control.cap_rise_per_s": (16.0, limit("cap_rise_per_s")),
     "control.thermal_model_file": ("MODEL", lambda a: Path(a.control.model.source) if a.control else None),
+    "control.node_power_ramp_w_per_s": (200.0, limit("node_power_ramp_w_per_s")),
+    "control.tpot_slo_s": (0.05, limit("tpot_slo_s")),
     "gate.report_max_age_s": (9.0, lambda a: a.gates.max_age_s),
     "energy.pue": (1.5, lambda a: a.energy.pue),
     "commands.hmac_secret_file": ("SECRET", lambda a: a.commands.cfg.hmac_secret_file),

@@ -54,7 +54,7 @@ def test_thermal_lost_stale_give_safe_cap_with_reason() -> None:
     trip = LIM.slowdown_c - LIM.margin_c
     cases = [
         (obs(20.0, temps=(trip, 50.0)), "thermal"),
-        (obs(20.0, mem=LIM.mem_temp_max_c - LIM.margin_c), "thermal"),
+        (obs(20.0, mem=LIM.mem_temp_max_c), "thermal"),
         (obs(20.0, temps=(60.0, None), lost=(False, True)), "gpu_lost"),
         (obs(20.0, stale=True), "stale"),
     ]
@@ -64,6 +64,19 @@ def test_thermal_lost_stale_give_safe_cap_with_reason() -> None:
         d = layer.apply(o, Decision((200, 200), "mpc", "none"), manual_ceiling=100)
         assert d.caps == (LIM.safe_cap,) * 2, reason
         assert d.reason == reason
+
+
+def test_every_mpc_target_sits_below_its_safety_trip() -> None:
+    """Hysteresis: an HBM (or die) reading at the MPC's target does not trip safety."""
+    layer = SafetyLayer(LIM)
+    t = warmed(layer)
+    at_targets = obs(
+        t, temps=(LIM.gpu_temp_max_c - LIM.margin_c, 50.0), mem=LIM.mem_temp_max_c - LIM.margin_c
+    )
+    d = layer.apply(at_targets, Decision((200, 200), "mpc", "none"))
+    assert d.reason == "mpc" and d.caps == (200, 200)
+    assert layer.ceiling(obs(t, mem=LIM.mem_temp_max_c - 0.5))[0] is None
+    assert layer.ceiling(obs(t, mem=LIM.mem_temp_max_c))[1] == "thermal"
 
 
 def test_just_below_trip_is_not_thermal() -> None:
