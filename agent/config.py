@@ -477,15 +477,11 @@ class ControlConfig(_Section):
         default=None, description="model file from `rackguard model fit --out` (default: built-in model)"
     )
 
-    @field_validator("thermal_model_file")
-    @classmethod
-    def _model_readable(cls, v: Path | None) -> Path | None:
-        if v is not None:
-            read_thermal_model(v)
-        return v
-
     node_power_ramp_w_per_s: float | None = Field(
-        default=None, gt=0, description="largest node power rise per second the MPC plans (grid smoothing)"
+        default=None,
+        gt=0,
+        le=1e6,
+        description="largest node power rise per second the MPC plans (grid smoothing)",
     )
     tpot_slo_s: float | None = Field(
         default=None,
@@ -493,6 +489,13 @@ class ControlConfig(_Section):
         le=10,
         description="per-token latency SLO: caps stay at the concurrency meeting it",
     )
+
+    @field_validator("thermal_model_file")
+    @classmethod
+    def _model_readable(cls, v: Path | None) -> Path | None:
+        if v is not None:
+            read_thermal_model(v)
+        return v
 
     @model_validator(mode="after")
     def _caps(self) -> ControlConfig:
