@@ -39,6 +39,7 @@ from rackguard.agent.config import Config, MqttConfig, NodeConfig
 from rackguard.agent.outbox import MemoryOutbox, Outbox, OutMsg
 
 Handler = Callable[[str, bytes], None]
+RetainHandler = Callable[[str, bytes, bool], None]  # also told whether the broker delivered a retained copy
 PUBLISH_WINDOW = 64  # QoS 1 messages in flight at once while draining
 
 
@@ -217,6 +218,7 @@ class MqttLink:
         self._states: dict[str, OutMsg] = {}
         self._dirty: dict[str, None] = {}
         self._handlers: list[tuple[str, Handler]] = []
+        self._retain_handlers: list[tuple[str, RetainHandler]] = []
         self._wake = asyncio.Event()
         self.log = logmod.get("mqtt")
 
@@ -229,6 +231,10 @@ class MqttLink:
     def subscribe(self, topic_filter: str, handler: Handler) -> None:
         """Register a handler; (re)subscribed on every connect. Handlers must not block."""
         self._handlers.append((topic_filter, handler))
+
+    def subscribe_retained(self, topic_filter: str, handler: RetainHandler) -> None:
+        """As :meth:`subscribe`; the handler also gets whether the message is a retained copy (old news)."""
+        self._retain_handlers.append((topic_filter, handler))
 
     def set_state(self, topic: str, payload: bytes, *, expiry_s: int | None = None) -> None:
         """Publish a retained latest-value message now (or on the next connect)."""
@@ -261,7 +267,9 @@ class MqttLink:
                     if self.on_connect:
                         self.on_connect()
                     self._dirty.update(dict.fromkeys(self._states))
-                    for topic_filter, _ in self._handlers:
+                    for topic_filter in dict.fromkeys(
+                        f for f, _ in [*self._handlers, *self._retain_handlers]
+                    ):
                         await client.subscribe(topic_filter, qos=1)
                     await self._serve(client, stop)
                     # Graceful shutdown: say goodbye explicitly (the will is only for crashes).
@@ -366,5 +374,12 @@ class MqttLink:
                 if topic_matches(topic_filter, topic):
                     try:
                         handler(topic, payload)
+                    except Exception:
+                        self.log.exception("mqtt_handler_failed", topic=topic)
+            retained = bool(getattr(message, "retain", False))
+            for topic_filter, rhandler in self._retain_handlers:
+                if topic_matches(topic_filter, topic):
+                    try:
+                        rhandler(topic, payload, retained)
                     except Exception:
                         self.log.exception("mqtt_handler_failed", topic=topic)

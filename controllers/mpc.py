@@ -275,7 +275,7 @@ class MpcController:
             # The budget is kept by the node's 1 s average, which sums every GPU's noise.
             node_w = lim.node_power_budget_w - s.budget_sigmas * self.power_model.node_noise_w()
             node_kind = "power"
-        if flow_lpm is not None:
+        if flow_lpm is not None and share is None:  # in a rack, the share is this node's part of the flow
             q_w = lim.coolant_heat_max_w(flow_lpm)
             if q_w < node_w:
                 node_w, node_kind = q_w, "coolant_flow"

@@ -245,19 +245,18 @@ def next_share(
         target_w: This period's allocation for the node.
         announced_w: The rise the node's previous claim announced (``next_w``), or None.
         agree: Every fresh peer's claim carries the same view hash as ours.
-        headroom_w: Capacity less what every peer holds or announced (the share never exceeds it).
+        headroom_w: Capacity less what every peer holds or announced (a rise never goes past it).
 
     Returns:
         The share to put in force now (whole watts).
     """
     target_w = max(0, target_w)
-    headroom_w = max(0, headroom_w)
     if target_w <= in_force_w:
-        return min(target_w, headroom_w)
+        return target_w
     if agree:
         limit = target_w
     elif announced_w is not None and announced_w > in_force_w:
         limit = min(target_w, announced_w)
     else:
-        limit = in_force_w
-    return min(limit, headroom_w)
+        return in_force_w
+    return max(in_force_w, min(limit, headroom_w))

@@ -37,9 +37,7 @@ def racks(draw: st.DrawFn) -> RackInputs:
             ClassDemand(f"c{k}", draw(st.integers(0, 3)), draw(st.integers(0, 20_000)))
             for k in range(draw(st.integers(0, 3)))
         )
-        peers[m.node] = PeerInput(
-            status, draw(st.integers(0, 5_000)), demands, draw(st.integers(0, 20_000))
-        )
+        peers[m.node] = PeerInput(status, draw(st.integers(0, 5_000)), demands, draw(st.integers(0, 20_000)))
     return RackInputs(cap, degraded, members, peers)
 
 
@@ -179,14 +177,27 @@ def test_capacity_is_the_smaller_of_budget_and_coolant() -> None:
 
 
 def test_next_share_lowers_at_once_and_raises_only_when_announced_or_agreed() -> None:
-    assert next_share(in_force_w=5_000, target_w=3_000, announced_w=None, agree=False, headroom_w=9_000) == 3_000
+    assert (
+        next_share(in_force_w=5_000, target_w=3_000, announced_w=None, agree=False, headroom_w=9_000) == 3_000
+    )
     # A rise not announced and not agreed waits a period.
-    assert next_share(in_force_w=3_000, target_w=5_000, announced_w=None, agree=False, headroom_w=9_000) == 3_000
-    assert next_share(in_force_w=3_000, target_w=5_000, announced_w=5_000, agree=False, headroom_w=9_000) == 5_000
-    assert next_share(in_force_w=3_000, target_w=5_000, announced_w=None, agree=True, headroom_w=9_000) == 5_000
-    # Never past what the peers left, even when lowering.
-    assert next_share(in_force_w=3_000, target_w=5_000, announced_w=5_000, agree=True, headroom_w=4_000) == 4_000
-    assert next_share(in_force_w=5_000, target_w=4_000, announced_w=None, agree=True, headroom_w=2_000) == 2_000
+    assert (
+        next_share(in_force_w=3_000, target_w=5_000, announced_w=None, agree=False, headroom_w=9_000) == 3_000
+    )
+    assert (
+        next_share(in_force_w=3_000, target_w=5_000, announced_w=5_000, agree=False, headroom_w=9_000)
+        == 5_000
+    )
+    assert (
+        next_share(in_force_w=3_000, target_w=5_000, announced_w=None, agree=True, headroom_w=9_000) == 5_000
+    )
+    # A rise never goes past what the peers left; it never lowers below the share in force either.
+    assert (
+        next_share(in_force_w=3_000, target_w=5_000, announced_w=5_000, agree=True, headroom_w=4_000) == 4_000
+    )
+    assert (
+        next_share(in_force_w=3_000, target_w=5_000, announced_w=5_000, agree=True, headroom_w=2_000) == 3_000
+    )
 
 
 @settings(max_examples=300, deadline=None)
@@ -200,8 +211,13 @@ def test_next_share_lowers_at_once_and_raises_only_when_announced_or_agreed() ->
 def test_next_share_never_exceeds_headroom_or_a_raise_past_the_target(
     in_force: int, target: int, announced: int | None, agree: bool, headroom: int
 ) -> None:
-    s = next_share(in_force_w=in_force, target_w=target, announced_w=announced, agree=agree, headroom_w=headroom)
-    assert 0 <= s <= max(0, headroom)
-    assert s <= max(in_force, target)
+    s = next_share(
+        in_force_w=in_force, target_w=target, announced_w=announced, agree=agree, headroom_w=headroom
+    )
+    assert 0 <= s <= max(in_force, target)
     if target <= in_force:
-        assert s <= target
+        assert s == target  # lower at once
+    else:
+        assert s <= max(in_force, headroom)  # a rise stays within what the peers left
+        if not agree and (announced is None or announced <= in_force):
+            assert s == in_force  # an unannounced rise waits a period
