@@ -491,7 +491,11 @@ class RackConfig(_Section):
         default=3.0, gt=0, le=600, description="a claim older is stale; rack data older: fallback share"
     )
     dead_after_s: float = Field(
-        default=10.0, gt=0, le=3600, description="a stale peer's share is held this long, then its fallback"
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="a silent peer's share (or one whose will came) is held this long, then its fallback: "
+        "longer than a cut-off node takes to drain down to its fallback share",
     )
     backstop_factor: float = Field(
         default=0.8, gt=0, lt=1, description="per control period while the CDU removes more than it can"

@@ -10,7 +10,8 @@ its share becomes its MPC's power budget and its limit on heat into the coolant.
   share is held) until ``dead_after_s``; then dead (its fallback share is held). A retained copy
   delivered on (re)subscribe is old news: stale from the start. The peer's ``status`` offline
   (its will, or its goodbye) with the incarnation of its latest claim, or a newer one, makes it
-  dead at once; a will older than the latest claim is ignored (the node already restarted).
+  stale at once (its servers may still be draining, or it is only cut off) and dead
+  ``dead_after_s`` later; a will older than the latest claim is ignored (the node already restarted).
   MQTT gives one will per connection, and ours is on ``status``: that is the claim's will.
 * **Bad claims** (malformed, too large, not a member, an old incarnation, an absurd demand) are
   rejected, counted in ``rackguard_rack_claims_rejected_total{reason}``, logged at most once a
@@ -71,6 +72,7 @@ class Peer:
     recv_mono: float = -math.inf
     inc: int = -1  # the newest incarnation seen in a claim
     dead_inc: int = -1  # the newest incarnation a status offline (a will) ended
+    dead_mono: float = -math.inf  # when that will arrived
 
 
 def config_hash(rc: RackConfig) -> str:
@@ -194,7 +196,7 @@ class RackCoordinator:
             return
         peer.claim, peer.inc = claim, claim.inc
         # A retained copy may be any age: it counts as stale (its share held) until a live one comes.
-        peer.recv_mono = self.clock() - (self.rc.claim_lifetime_s if retained else 0.0)
+        peer.recv_mono = self.clock() - (self.rc.claim_lifetime_s + 1e-3 if retained else 0.0)
         if claim.cfg != self.cfg_hash and node not in self.disagreeing:
             self.disagreeing.add(node)
             self.log.warning(
@@ -221,14 +223,17 @@ class RackCoordinator:
         if inc < peer.inc:
             self.wills_ignored += 1  # a will older than the latest claim: the node already restarted
             return
-        peer.dead_inc = max(peer.dead_inc, inc)
+        if inc > peer.dead_inc:
+            peer.dead_inc, peer.dead_mono = inc, self.clock()
 
     # -- the step ------------------------------------------------------------------------
     def _status(self, peer: Peer, now: float) -> str:
         if peer.claim is None:
             return "dead" if peer.dead_inc >= 0 else "absent"
         if peer.claim.inc <= peer.dead_inc:
-            return "dead"
+            # Its will: no longer counted on, but its servers may still be draining (or it is cut
+            # off, not dead), so its last share is held for dead_after_s.
+            return "stale" if now - peer.dead_mono <= self.rc.dead_after_s else "dead"
         age = now - peer.recv_mono
         if age <= self.rc.claim_lifetime_s:
             return "fresh"
@@ -250,13 +255,13 @@ class RackCoordinator:
         return q, True
 
     def _demand_w(self, snap: NodeSnapshot, decision: Decision | None) -> int:
+        """What the node would use: all it can while its servers fill their caps (unless its own
+        temperatures are what limits it), else what it uses now and a margin to grow."""
         power = snap.gpu_power_w or 0.0
-        # Wants more (how much is unknown): it uses (nearly) all its share, or the share binds its
-        # caps and its servers fill them.
         in_flight = sum(g.in_flight or 0.0 for g in snap.gpus)
         full = decision is not None and decision.total > 0 and in_flight >= 0.9 * decision.total
-        rack_bound = decision is not None and decision.binding in ("rack_power", "rack_coolant")
-        if power >= 0.85 * self.share_w or (rack_bound and full):
+        thermal = decision is not None and decision.binding in ("gpu_temp", "mem_temp")
+        if full and not thermal:
             return _ceil_to(self.node_max_w, 50)
         return min(_ceil_to(self.node_max_w, 50), _ceil_to(power * 1.05 + 50.0, 50))
 
@@ -278,10 +283,10 @@ class RackCoordinator:
         # Disagreeing configs: everyone uses the most conservative values.
         budget = rc.power_budget_w
         degraded = rc.degraded_capacity_w
-        for c in fresh.values():
-            if c.budget_w > 0:
-                budget = c.budget_w if budget is None else min(budget, c.budget_w)
-            degraded = min(degraded, c.degraded_w)
+        for fc in fresh.values():
+            if fc.budget_w > 0:
+                budget = fc.budget_w if budget is None else min(budget, fc.budget_w)
+            degraded = min(degraded, fc.degraded_w)
         fallback = fallback_shares(self.members, degraded)
         coolant_w, known = self.coolant_capacity_w(snap)
         if coolant_w is not None:
@@ -338,14 +343,13 @@ class RackCoordinator:
             )
             self.next_w = target if target > self.in_force_w else None
         # Backstop without messages: the CDU itself says it removes more than it can carry.
-        c = snap.coolant
+        loop = snap.coolant
         over = (
             coolant_w is not None
-            and c is not None
-            and c.heat_removed_w is not None
+            and loop is not None
             and rc.return_limit_c is not None
-            and c.return_temp_c is not None
-            and c.return_temp_c > rc.return_limit_c
+            and loop.return_temp_c is not None
+            and loop.return_temp_c > rc.return_limit_c
         )
         self.backstop_scale = (
             self.backstop_scale * rc.backstop_factor

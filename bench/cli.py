@@ -93,6 +93,7 @@ def register(sub: Any) -> None:
         "--arm", action="append", choices=("independent", "static", "coordinated"), help="run only these arms"
     )
     r.add_argument("--quick", action="store_true", help="the timeline scaled by 0.4 (CI)")
+    r.add_argument("--drill", choices=("broker",), help="broker: coordinated only, the broker down for 30 s")
     r.add_argument("--json", action="store_true", help="print one JSON object")
     r.set_defaults(func=cmd_rack)
 
@@ -274,6 +275,7 @@ def cmd_rack(args: argparse.Namespace) -> int:
         gpus=args.gpus,
         arms=tuple(a for a in ARMS if not args.arm or a in args.arm),
         quick=args.quick,
+        drill=args.drill,
         progress=_progress(False),
     )
     return _report("rack", lambda: run_rack_bench(opts), args.json)

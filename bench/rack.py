@@ -5,10 +5,11 @@ process (``python -m rackguard.bench.rack worker CONFIG.json``: the agent and it
 as ``rackguard run --sim`` runs them) against a real mosquitto, and the rack's simulated CDU
 (:func:`rackguard.agent.commands.sim_cdu.run` in rack mode, heated by the plants' true power).
 
-Timeline (seconds; ``--quick`` scales it by 0.4): the first half of the nodes are busy (256
-requests offered per GPU) and the rest nearly idle (2); the last node joins late; the CDU's
-pump fails to 40 % flow and is later restored; node 1 is SIGKILLed and restarted; node 0 is cut
-off from the broker (a black-holing proxy: nothing passes, nothing is closed).
+Timeline (:class:`Timeline`, seconds; ``--quick`` scales it by 0.4): the first half of the nodes
+are busy (256 requests offered per GPU) and the rest nearly idle (2); the last node joins late;
+the CDU's pump fails to 40 % flow and is later restored; node 1 is SIGKILLed (and restarted 37 s
+later); node 0 is cut off from the broker for 30 s (a black-holing proxy: nothing passes, nothing
+is closed). A killed node's simulated GPUs die with it (a node crash).
 
 Arms: ``independent`` (no ``[rack]``: today's behaviour, every node sees the whole flow),
 ``static`` (``rack.split = "static"``: each node its weight's part), ``coordinated`` (claims) run
@@ -61,14 +62,32 @@ class Timeline:
     join: float = 35.0  # the last node joins (the uneven window ends)
     fail: float = 45.0  # pump to 40 % flow
     restore: float = 70.0
-    kill: float = 80.0  # node 1 SIGKILLed
-    restart: float = 90.0
-    cut: float = 100.0  # node 0 cut off from the broker
-    cut_end: float = 130.0
-    end: float = 140.0
+    kill: float = 75.0  # node 1 SIGKILLed
+    restart: float = 112.0
+    cut: float = 80.0  # node 0 cut off from the broker
+    cut_end: float = 110.0
+    end: float = 125.0
+    outage: float = math.inf  # the broker stopped (drill)
+    outage_end: float = math.inf
 
     def scaled(self, k: float) -> Timeline:
         return Timeline(**{f: getattr(self, f) * k for f in self.__dataclass_fields__})
+
+
+# The broker-outage drill: no other event, the broker down for 30 s.
+BROKER_DRILL = Timeline(
+    warm=10,
+    join=15,
+    fail=math.inf,
+    restore=math.inf,
+    kill=math.inf,
+    restart=math.inf,
+    cut=math.inf,
+    cut_end=math.inf,
+    end=75,
+    outage=30,
+    outage_end=60,
+)
 
 
 @dataclass
@@ -77,6 +96,7 @@ class RackOptions:
     gpus: int = 4
     arms: tuple[str, ...] = ARMS
     quick: bool = False
+    drill: str | None = None  # "broker": the coordinated arm with the broker down 30 s, nothing else
     progress: Callable[[str], None] = field(default=lambda s: None)
 
 
@@ -122,6 +142,7 @@ class BlackHoleProxy:
         self.port = free_port()
         self.cut = False
         self.server: asyncio.Server | None = None
+        self.writers: list[asyncio.StreamWriter] = []
 
     async def start(self) -> None:
         self.server = await asyncio.start_server(self._conn, "127.0.0.1", self.port)
@@ -141,11 +162,16 @@ class BlackHoleProxy:
         except OSError:
             w.close()
             return
-        await asyncio.gather(self._pipe(r, bw), self._pipe(br, w))
+        self.writers += [w, bw]
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(self._pipe(r, bw), self._pipe(br, w))
 
     async def close(self) -> None:
         if self.server is not None:
             self.server.close()
+        for w in self.writers:
+            w.close()
+        await asyncio.sleep(0.1)  # let the pipes see their ends
 
 
 # -- recording claims and caps -------------------------------------------------------------
@@ -156,14 +182,13 @@ class ClaimRecorder:
         import paho.mqtt.client as mqtt
 
         self.claims: list[tuple[float, str, dict[str, Any], int]] = []  # (wall, node, body, bytes)
-        self.caps: list[tuple[float, str, int]] = []  # (wall, node, total)
+        self.caps: list[tuple[float, str, int, str]] = []  # (wall, node, total, reason)
+        self.online: set[str] = set()
         self.lock = threading.Lock()
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
         ok = threading.Event()
-        self.client.on_connect = lambda c, *a: (
-            c.subscribe(f"{base}/+/claim", qos=1),
-            c.subscribe(f"{base}/+/cap", qos=1),
-        )
+        topics = [(f"{base}/+/claim", 1), (f"{base}/+/cap", 1), (f"{base}/+/status", 1)]
+        self.client.on_connect = lambda c, *a: c.subscribe(topics)
         self.client.on_subscribe = lambda *a: ok.set()
         self.client.on_message = self._on
         self.client.connect(host, port)
@@ -178,10 +203,13 @@ class ClaimRecorder:
         with contextlib.suppress(ValueError, KeyError):
             body = json.loads(msg.payload)
             with self.lock:
-                if msg.topic.endswith("/claim"):
+                if msg.topic.endswith("/status"):
+                    if body.get("state") == "online":
+                        self.online.add(node)
+                elif msg.topic.endswith("/claim"):
                     self.claims.append((now, node, body, len(msg.payload)))
                 else:
-                    self.caps.append((now, node, int(body["total"])))
+                    self.caps.append((now, node, int(body["total"]), str(body["reason"])))
 
     def close(self) -> None:
         self.client.loop_stop()
@@ -247,8 +275,14 @@ class ArmRun:
 
 
 async def run_arm(
-    arm: str, spec: RackSpec, tl: Timeline, workdir: Path, progress: Callable[[str], None]
+    arm: str,
+    spec: RackSpec,
+    tl: Timeline,
+    workdir: Path,
+    progress: Callable[[str], None],
+    extra_events: list[dict[str, Any]] | None = None,
 ) -> ArmRun:
+    """Run the scenario once with every node configured for ``arm`` (``extra_events``: more CDU events)."""
     from rackguard.agent import config as configmod
     from rackguard.agent.commands import sim_cdu
     from rackguard.sim.cdu import Scenario
@@ -298,8 +332,15 @@ async def run_arm(
     scenario = Scenario.model_validate(
         {
             "events": [
-                {"at_s": tl.fail, "kind": "pump_failure", "flow_fraction": 0.4},
-                {"at_s": tl.restore, "kind": "pump_restore"},
+                *(
+                    [
+                        {"at_s": tl.fail, "kind": "pump_failure", "flow_fraction": 0.4},
+                        {"at_s": tl.restore, "kind": "pump_restore"},
+                    ]
+                    if tl.fail < tl.end
+                    else []
+                ),
+                *(extra_events or []),
             ]
         }
     )
@@ -316,11 +357,15 @@ async def run_arm(
 
     procs: dict[str, subprocess.Popen[bytes]] = {}
     stop = asyncio.Event()
-    t0 = time.time()
     try:
         for name in names:
             if name != names[late_node]:
                 procs[name] = start(name)
+        # The timeline starts once every first node runs (their births), not when they were spawned.
+        deadline = time.time() + 120
+        while time.time() < deadline and len(recorder.online - {names[late_node]}) < spec.nodes - 1:
+            await asyncio.sleep(0.2)
+        t0 = time.time()
         cdu = asyncio.create_task(
             sim_cdu.run(
                 cdu_cfg,
@@ -334,13 +379,19 @@ async def run_arm(
                 tau_flow_s=0.3,
             )
         )
-        plan = [
-            (tl.join, "join", lambda: procs.__setitem__(names[late_node], start(names[late_node]))),
-            (tl.kill, "kill", lambda: procs[names[kill_node]].send_signal(signal.SIGKILL)),
-            (tl.restart, "restart", lambda: procs.__setitem__(names[kill_node], start(names[kill_node]))),
-            (tl.cut, "cut", lambda: setattr(proxy, "cut", True)),
-            (tl.cut_end, "cut_end", lambda: setattr(proxy, "cut", False)),
-        ]
+        plan = sorted(
+            [
+                (tl.join, "join", lambda: procs.__setitem__(names[late_node], start(names[late_node]))),
+                (tl.kill, "kill", lambda: procs[names[kill_node]].send_signal(signal.SIGKILL)),
+                (tl.restart, "restart", lambda: procs.__setitem__(names[kill_node], start(names[kill_node]))),
+                (tl.cut, "cut", lambda: setattr(proxy, "cut", True)),
+                (tl.cut_end, "cut_end", lambda: setattr(proxy, "cut", False)),
+                (tl.outage, "outage", broker.stop),
+                (tl.outage_end, "outage_end", broker.start),
+            ],
+            key=lambda p: p[0],
+        )
+        plan = [p for p in plan if p[0] < tl.end]
         for at, name, action in plan:
             await asyncio.sleep(max(0.0, t0 + at - time.time()))
             action()
@@ -373,14 +424,14 @@ def capacity_from(spec: RackSpec, flow_lpm: np.ndarray, supply_c: np.ndarray) ->
 def arm_metrics(spec: RackSpec, tl: Timeline, run: ArmRun) -> dict[str, Any]:
     grid = np.arange(run.t0 + tl.warm, run.events["end"], GRID_S)
     truth = {n: read_truth(p) for n, p in run.truth.items()}
-    power = sum(_power_on_grid(truth[n], grid) for n in run.nodes)
+    power = np.sum([_power_on_grid(truth[n], grid) for n in run.nodes], axis=0)
     over_p = np.maximum(np.asarray(power) - spec.power_budget_w, 0.0)
     cdu = np.asarray(run.cdu_log)
     idx = np.clip(np.searchsorted(cdu[:, 0], grid, side="right") - 1, 0, len(cdu) - 1)
     flow, _supply, ret = cdu[idx, 1], cdu[idx, 2], cdu[idx, 3]
     per_k = heat_w(1.0, 1.0) * flow  # W per K of rise
     over_c = np.maximum((ret - spec.return_limit_c) * per_k, 0.0)
-    served = sum(_served_on_grid(truth[n], grid) for n in run.nodes)
+    served = np.sum([_served_on_grid(truth[n], grid) for n in run.nodes], axis=0)
     over_any = ((over_p > 0) | (over_c > 0))[:-1]
     uneven = (grid[:-1] >= run.t0 + tl.warm) & (grid[:-1] < run.t0 + tl.join)
     duration = grid[-1] - grid[0]
@@ -461,11 +512,22 @@ def coordination_metrics(spec: RackSpec, tl: Timeline, run: ArmRun, period_s: fl
     t_fail = ev.get("pump_failure", run.t0 + tl.fail)
     cdu = np.asarray(run.cdu_log)
     after = cdu[(cdu[:, 0] >= t_fail + 3.0) & (cdu[:, 0] < run.t0 + tl.restore)]
-    new_cap = min(
-        spec.power_budget_w,
-        float(np.min(heat_w(1.0, 1.0) * after[:, 1] * (spec.return_limit_c - after[:, 2]))),
+    new_cap = (
+        min(
+            spec.power_budget_w,
+            float(np.min(heat_w(1.0, 1.0) * after[:, 1] * (spec.return_limit_c - after[:, 2]))),
+        )
+        if len(after)
+        else 0.0
     )
-    reactions = []
+    # The drop as the CDU reports it: its first reading within 2 % of the new capacity (the pump
+    # spins down over ~1 s first); the reaction runs from there to each node's claim at the new share.
+    seen = cdu[
+        (cdu[:, 0] >= t_fail)
+        & (heat_w(1.0, 1.0) * cdu[:, 1] * (spec.return_limit_c - cdu[:, 2]) <= new_cap * 1.02)
+    ]
+    t_seen = float(seen[0, 0]) if len(seen) else t_fail
+    reactions, from_event = [], []
     for n in run.nodes:
         hit = next(
             (
@@ -476,9 +538,10 @@ def coordination_metrics(spec: RackSpec, tl: Timeline, run: ArmRun, period_s: fl
             None,
         )
         if hit is not None and hit < run.t0 + tl.restore:
-            reactions.append(hit - t_fail)
+            reactions.append(max(0.0, hit - t_seen))
+            from_event.append(hit - t_fail)
     # The killed node: what its peers leave unused while it is dead, and how fast they take the rest.
-    t_kill, t_restart = ev["kill"], ev["restart"]
+    t_kill, t_restart = ev.get("kill", math.inf), ev.get("restart", math.inf)
     killed = run.nodes[1 % len(run.nodes)]
     fb = fallback_shares(tuple(Member(n) for n in run.nodes), spec.degraded_capacity_w)[killed]
     latest: dict[str, dict[str, Any]] = {}
@@ -501,7 +564,7 @@ def coordination_metrics(spec: RackSpec, tl: Timeline, run: ArmRun, period_s: fl
             reclaim_s = t - t_kill
     span_min = (ev["end"] - run.t0 - tl.warm) / 60.0
     caps_by_node: dict[str, list[int]] = {}
-    for t, node, total in sorted(run.recorder.caps):
+    for t, node, total, _ in sorted(run.recorder.caps):
         if t >= run.t0 + tl.warm:
             caps_by_node.setdefault(node, []).append(total)
     changes = [sum(a != b for a, b in itertools.pairwise(v)) for v in caps_by_node.values()]
@@ -515,6 +578,9 @@ def coordination_metrics(spec: RackSpec, tl: Timeline, run: ArmRun, period_s: fl
     return {
         "reaction_p99_s": round(float(np.percentile(reactions, 99)), 2) if reactions else None,
         "reaction_nodes": len(reactions),
+        "reaction_from_pump_event_p99_s": round(float(np.percentile(from_event, 99)), 2)
+        if from_event
+        else None,
         "stranded_w_after_kill": round(float(np.mean(stranded)), 1) if stranded else None,
         "reclaim_s": round(reclaim_s, 2) if reclaim_s is not None else None,
         "cap_changes_per_min": round(float(np.mean(changes)) / span_min, 2) if changes else 0.0,
@@ -526,8 +592,14 @@ def coordination_metrics(spec: RackSpec, tl: Timeline, run: ArmRun, period_s: fl
 
 
 async def _bench(opts: RackOptions) -> dict[str, Any]:
+    from rackguard.agent import log as logmod
+
+    logmod.configure("warning", "json")  # stdout is the figures
     spec = spec_for(opts)
     tl = Timeline().scaled(0.4) if opts.quick else Timeline()
+    if opts.drill == "broker":
+        tl = BROKER_DRILL.scaled(0.5) if opts.quick else BROKER_DRILL
+        opts.arms = ("coordinated",)
     arms: dict[str, Any] = {}
     coord: dict[str, Any] = {}
     last_run: ArmRun | None = None
@@ -538,13 +610,13 @@ async def _bench(opts: RackOptions) -> dict[str, Any]:
             if arm == "coordinated":
                 coord = coordination_metrics(spec, tl, run)
             last_run = run
-    if last_run is not None:
+    if last_run is not None and opts.drill is None:
         arms["oracle"] = oracle_metrics(spec, tl, last_run)
     out: dict[str, Any] = {
         "nodes": opts.nodes,
         "gpus_per_node": opts.gpus,
         "power_budget_w": spec.power_budget_w,
-        "timeline_s": {k: getattr(tl, k) for k in tl.__dataclass_fields__},
+        "timeline_s": {k: v for k in tl.__dataclass_fields__ if math.isfinite(v := getattr(tl, k))},
         "arms": arms,
         "reaction_p99_s": coord.get("reaction_p99_s"),
         "stranded_w_after_kill": coord.get("stranded_w_after_kill"),
@@ -557,7 +629,7 @@ async def _bench(opts: RackOptions) -> dict[str, Any]:
         out["coordinated_vs_static_uneven"] = round(
             arms["coordinated"]["served_uneven"] / arms["static"]["served_uneven"], 3
         )
-    if "coordinated" in arms and arms["oracle"]["served"]:
+    if "coordinated" in arms and "oracle" in arms and arms["oracle"]["served"]:
         out["coordinated_vs_oracle"] = round(arms["coordinated"]["served"] / arms["oracle"]["served"], 3)
     return out
 

@@ -212,7 +212,6 @@ def allocate(inputs: RackInputs) -> Allocation:
                 for i, (_, p) in enumerate(fresh):
                     cum[i] += sum(max(d.demand_w, 0) for d in p.demands if d.priority == prio)
                 x = _fill(x, [max(0.0, c - v) for c, v in zip(cum, x, strict=True)], weights, room)
-            x = _fill(x, [math.inf] * len(fresh), weights, room)  # what no one demands, by weight
         for (m, _), v in zip(fresh, x, strict=True):
             shares[m.node] = max(0, math.floor(v + 1e-9))
         over = sum(shares[m.node] for m, _ in fresh) - int(room)

@@ -85,7 +85,6 @@ def rack_part(spec: RackSpec, *, coordinated: bool = True, cdu_max_age_s: float 
             "return_limit_c": spec.return_limit_c,
             "degraded_capacity_w": spec.degraded_capacity_w,
             "floor_w": spec.floor_w,
-            "dead_after_s": 15.0,
         }
     return part
 

@@ -92,7 +92,7 @@ async def run(nodes: int, seconds: float) -> int:
     stop = asyncio.Event()
     console = RackConsole(spec.names())
     agents = []
-    tasks = []
+    tasks: list[asyncio.Task[Any]] = []
     for cfg in cfgs:
         backend, servers = from_config(cfg)
         agent = Agent(cfg, backend, client_factory=broker.client)

@@ -116,7 +116,7 @@ RESTART: dict[str, Any] = {
     "rack.floor_w": 100.0,
     "rack.max_node_power_w": 9000.0,
     "rack.claim_lifetime_s": 4.0,
-    "rack.dead_after_s": 12.0,
+    "rack.dead_after_s": 40.0,
     "rack.backstop_factor": 0.7,
     "rack.split": "static",
 }

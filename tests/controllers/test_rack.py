@@ -136,9 +136,9 @@ def test_weights_split_the_contended_part() -> None:
     assert (a.shares["a"], a.shares["b"]) == (3_000, 6_000)
 
 
-def test_unclaimed_capacity_is_split_by_weight() -> None:
+def test_capacity_no_one_demands_stays_unallocated() -> None:
     a = _rack({"a": 1_000, "b": 1_000}, cap=10_000)
-    assert a.shares == {"a": 5_000, "b": 5_000}
+    assert a.shares == {"a": 1_000, "b": 1_000}
 
 
 def test_higher_priority_class_first() -> None:
