@@ -545,22 +545,23 @@ def coordination_metrics(spec: RackSpec, tl: Timeline, run: ArmRun, period_s: fl
     killed = run.nodes[1 % len(run.nodes)]
     fb = fallback_shares(tuple(Member(n) for n in run.nodes), spec.degraded_capacity_w)[killed]
     latest: dict[str, dict[str, Any]] = {}
-    before_sum = None
+    goal = None  # the peers' shares before the kill plus what the killed node held beyond its fallback
     stranded = []
     reclaim_s = None
     for t, node, b, _ in claims:
+        if t >= t_kill and goal is None:
+            others = sum(c["share_w"] for m, c in latest.items() if m != killed)
+            goal = others + 0.9 * max(0, latest.get(killed, {}).get("share_w", 0) - fb)
         latest[node] = b
         if t < t_kill:
             continue
-        if before_sum is None:
-            before_sum = sum(c["share_w"] for c in latest.values())
         if t >= t_restart:
             break
         live = sum(c["share_w"] for m, c in latest.items() if m != killed)
         capacity = max(c.get("capacity_w", 0) for c in latest.values())
         if t >= t_kill + 3.0:
             stranded.append(capacity - live)
-        if reclaim_s is None and before_sum is not None and live >= 0.98 * (before_sum - fb):
+        if reclaim_s is None and goal is not None and live >= goal:
             reclaim_s = t - t_kill
     span_min = (ev["end"] - run.t0 - tl.warm) / 60.0
     caps_by_node: dict[str, list[int]] = {}
