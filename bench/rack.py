@@ -595,7 +595,7 @@ def coordination_metrics(spec: RackSpec, tl: Timeline, run: ArmRun, period_s: fl
 async def _bench(opts: RackOptions) -> dict[str, Any]:
     from rackguard.agent import log as logmod
 
-    logmod.configure("warning", "json")  # stdout is the figures
+    logmod.configure("error", "json")  # stdout is the figures
     spec = spec_for(opts)
     tl = Timeline().scaled(0.4) if opts.quick else Timeline()
     if opts.drill == "broker":
