@@ -248,3 +248,22 @@ async def test_birth_and_will_carry_the_same_incarnation(
         assert birth_inc == will_inc
         incs.append(birth_inc)
     assert incs[1] == incs[0] + 1
+
+
+def test_after_a_will_the_peers_share_stays_held_until_dead_after() -> None:
+    rack, clock = make()
+    rack.on_claim(f"{BASE}/n1/claim", claim(share_w=3000, next_w=3000), False)
+    rack.on_claim(f"{BASE}/n2/claim", claim("n2", demand_w=300, share_w=300, next_w=300), False)
+    rack.on_status(f"{BASE}/n1/status", json.dumps({"state": "offline", "incarnation": 3}).encode(), False)
+    for _ in range(5):
+        rack.on_claim(f"{BASE}/n2/claim", claim("n2", seq=int(clock.t), demand_w=300, share_w=300), False)
+        rack.step(snap(power_w=2700), Decision(caps=(8,), reason="mpc", binding="rack_power"))
+        clock.t += 1.0
+    assert rack.share_w <= 6000 - 3000 - 300  # n1's last share is held while its servers drain
+    clock.t += rack.rc.dead_after_s
+    for _ in range(3):
+        rack.on_claim(f"{BASE}/n2/claim", claim("n2", seq=int(clock.t), demand_w=300, share_w=300), False)
+        rack.step(snap(power_w=2700), Decision(caps=(8,), reason="mpc", binding="rack_power"))
+        clock.t += 1.0
+    assert rack.share_w > 6000 - 3000 - 300  # then only its fallback share is
+    assert rack.share_w <= 6000 - rack.fallback_w["n1"] - 300
