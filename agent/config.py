@@ -505,6 +505,12 @@ class RackConfig(_Section):
         description="coordinated: claims and the shared allocation; static: each node its weight's part",
     )
 
+    def flow_fraction(self, node: str) -> float:
+        """A member's part of the CDU's flow (its weight's part); 1 outside a rack."""
+        total = sum(m.weight for m in self.members)
+        mine = next((m.weight for m in self.members if m.name == node), total)
+        return mine / total if total > 0 else 1.0
+
     @model_validator(mode="after")
     def _checks(self) -> RackConfig:
         names = [m.name for m in self.members]

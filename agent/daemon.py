@@ -151,10 +151,7 @@ class Agent:
     @property
     def flow_fraction(self) -> float:
         """The node's part of the measured flow: its weight's part of the rack's (1 outside a rack)."""
-        members = self.cfg.rack.members
-        total = sum(m.weight for m in members)
-        mine = next((m.weight for m in members if m.name == self.cfg.node.name), total)
-        return mine / total if total > 0 else 1.0
+        return self.cfg.rack.flow_fraction(self.cfg.node.name)
 
     @property
     def cap_msg(self) -> Cap | None:

@@ -503,20 +503,12 @@ def from_config(
             dict.fromkeys([*cfg.coolant.subscribe, *(s.topic for s in cfg.coolant.sensors)])
         ),
         external_max_age_s=cfg.gate.report_max_age_s,
-        flow_fraction=_flow_fraction(cfg),
+        flow_fraction=cfg.rack.flow_fraction(cfg.node.name),
         truth_path=os.environ.get("RACKGUARD_SIM_TRUTH") or None,
     )
     if servers_in_charge:
         backend.caps[:] = float(servers.safe_cap)
     return backend, servers
-
-
-def _flow_fraction(cfg: Config) -> float:
-    """A rack member's part of the CDU's flow (its weight's part); 1 outside a rack."""
-    members = cfg.rack.members
-    total = sum(m.weight for m in members)
-    mine = next((m.weight for m in members if m.name == cfg.node.name), total)
-    return mine / total if total > 0 else 1.0
 
 
 async def run_beside(agent_run: Awaitable[int], servers: SimServers, factory: ClientFactory) -> int:
