@@ -29,7 +29,7 @@ def _sim(cfg: Config) -> GpuBackend:
     """
     from rackguard.sim.node import from_config
 
-    return from_config(cfg)[0]
+    return from_config(cfg, servers_in_charge=False)[0]
 
 
 FACTORIES: dict[str, Callable[[Config], GpuBackend]] = {"nvml": _nvml, "sim": _sim}

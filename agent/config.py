@@ -814,6 +814,94 @@ class ActuatorsConfig(_Section):
     haproxy: HaproxyConfig | None = None
 
 
+class RackMember(BaseModel):
+    """An expected member of the rack."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: TopicSafe
+    weight: float = Field(default=1.0, gt=0, le=1000, description="share of the contended capacity")
+
+
+class RackConfig(_Section):
+    """One rack, one budget: the nodes share the CDU's heat capacity and the rack's power (agent/rack.py).
+
+    Every node of the rack includes the same ``[rack]`` section. No members: not in a rack.
+    """
+
+    RELOAD: ClassVar[dict[str, Reload]] = {
+        f: RESTART
+        for f in (
+            "members",
+            "power_budget_w",
+            "return_limit_c",
+            "degraded_capacity_w",
+            "floor_w",
+            "max_node_power_w",
+            "claim_lifetime_s",
+            "dead_after_s",
+            "backstop_factor",
+            "split",
+        )
+    }
+
+    members: list[RackMember] = Field(default_factory=list, description="the expected members, with weights")
+    power_budget_w: float | None = Field(
+        default=None, gt=0, le=10_000_000, description="the rack's GPU power"
+    )
+    return_limit_c: float | None = Field(
+        default=None,
+        ge=0,
+        le=100,
+        description="coolant capacity = CDU flow × cp × (return_limit_c − supply); unset: no coolant limit",
+    )
+    degraded_capacity_w: float = Field(
+        default=0.0,
+        ge=0,
+        le=10_000_000,
+        description="capacity that survives one pump lost at the warmest allowed supply; split by weight "
+        "it is each node's fallback share",
+    )
+    floor_w: float = Field(default=0.0, ge=0, le=1_000_000, description="this node's floor (≤ its fallback)")
+    max_node_power_w: float = Field(
+        default=20_000.0, gt=0, le=1_000_000, description="a claim demanding more is absurd and rejected"
+    )
+    claim_lifetime_s: float = Field(
+        default=3.0, gt=0, le=600, description="a claim older is stale; rack data older: fallback share"
+    )
+    dead_after_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="a silent peer's share (or one whose will came) is held this long, then its fallback: "
+        "longer than a cut-off node takes to drain down to its fallback share",
+    )
+    backstop_factor: float = Field(
+        default=0.8, gt=0, lt=1, description="per control period while the CDU removes more than it can"
+    )
+    split: Literal["coordinated", "static"] = Field(
+        default="coordinated",
+        description="coordinated: claims and the shared allocation; static: each node its weight's part",
+    )
+
+    def flow_fraction(self, node: str) -> float:
+        """A member's part of the CDU's flow (its weight's part); 1 outside a rack."""
+        total = sum(m.weight for m in self.members)
+        mine = next((m.weight for m in self.members if m.name == node), total)
+        return mine / total if total > 0 else 1.0
+
+    @model_validator(mode="after")
+    def _checks(self) -> RackConfig:
+        names = [m.name for m in self.members]
+        if len(set(names)) != len(names):
+            raise ValueError("two rack members have the same name")
+        if self.members and self.power_budget_w is None and self.return_limit_c is None:
+            raise ValueError("a rack needs power_budget_w or return_limit_c")
+        if self.dead_after_s < self.claim_lifetime_s:
+            raise ValueError("dead_after_s must be >= claim_lifetime_s")
+        return self
+
+
 class LogConfig(_Section):
     RELOAD: ClassVar[dict[str, Reload]] = {"level": LIVE, "format": LIVE}
 
@@ -835,6 +923,7 @@ class Config(_Section):
     energy: EnergyConfig = Field(default_factory=EnergyConfig)
     commands: CommandsConfig = Field(default_factory=CommandsConfig)
     power_limits: PowerLimitsConfig = Field(default_factory=PowerLimitsConfig)
+    rack: RackConfig = Field(default_factory=RackConfig)
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
     actuators: ActuatorsConfig = Field(default_factory=ActuatorsConfig)
     log: LogConfig = Field(default_factory=LogConfig)
@@ -843,6 +932,10 @@ class Config(_Section):
     def _cross(self) -> Config:
         if self.telemetry.publish_period_s < self.sensors.poll_period_s:
             raise ValueError("telemetry.publish_period_s must be >= sensors.poll_period_s")
+        if self.rack.members and self.node.name not in {m.name for m in self.rack.members}:
+            raise ValueError(f"rack.members: this node ({self.node.name}) is not a member")
+        if self.rack.return_limit_c is not None and not self.coolant.sensors:
+            raise ValueError("rack.return_limit_c needs the CDU's coolant sensors (supply and flow)")
         return self
 
     def reload_modes(self) -> dict[str, Reload]:

@@ -29,6 +29,7 @@ from rackguard.agent.coolant_monitor import CoolantMonitor, LeakEvent
 from rackguard.agent.energy import EnergyMeter
 from rackguard.agent.gate_reports import GateTracker
 from rackguard.agent.http import HttpServer
+from rackguard.agent.incarnation import next_incarnation, path_for
 from rackguard.agent.messages import Cap, CommandAck, NodeId, Telemetry, dump
 from rackguard.agent.metrics import Metrics
 from rackguard.agent.mqtt import ClientFactory, MqttLink, Topics, aiomqtt_factory
@@ -36,6 +37,7 @@ from rackguard.agent.notify import Notifier
 from rackguard.agent.operator_commands import COMMAND_NAMES, Actions, CommandProcessor
 from rackguard.agent.outbox import OutMsg, open_outbox
 from rackguard.agent.power_limits import PowerLimitActuator
+from rackguard.agent.rack import RackCoordinator
 from rackguard.agent.reports import Reporter
 from rackguard.agent.routes import routes
 from rackguard.agent.sensing import GpuPoller
@@ -91,6 +93,8 @@ class Agent:
         self.ticks_total = 0
         self.tick_late_s: deque[float] = deque(maxlen=16_384)
         self.control_late_s: deque[float] = deque(maxlen=16_384)
+        self.incarnation = next_incarnation(path_for(cfg))
+        self.rack: RackCoordinator | None = None
         client_id = f"rackguard-{cfg.node.site}-{cfg.node.rack}-{cfg.node.name}"
         outbox_path = cfg.outbox.resolved_path()
         self.link = MqttLink(
@@ -135,6 +139,7 @@ class Agent:
             energy=self.energy,
             backend_name=self.backend.name,
             seqs=self.seqs,
+            incarnation=self.incarnation,
         )
         self.commands = CommandProcessor(
             cfg.commands,
@@ -155,6 +160,11 @@ class Agent:
         self.sinks: list[DecisionSink] = []
 
     # -- views for tests and routes ------------------------------------------------------
+    @property
+    def flow_fraction(self) -> float:
+        """The node's part of the measured flow: its weight's part of the rack's (1 outside a rack)."""
+        return self.cfg.rack.flow_fraction(self.cfg.node.name)
+
     @property
     def cap_msg(self) -> Cap | None:
         return self.cap.cap_msg if self.cap else None
@@ -218,7 +228,9 @@ class Agent:
     def control_step(self, snap: snapmod.NodeSnapshot | None = None) -> Decision:
         """MPC then safety on a snapshot (default: one taken now), then every sink."""
         assert self.control is not None
-        obs = snapmod.observation(snap or self.take_snapshot())
+        snap = snap or self.take_snapshot()
+        share = self.rack.step(snap, self.control.decision) if self.rack is not None else None
+        obs = snapmod.observation(snap, share, self.flow_fraction)
         try:
             decision = self.control.step(obs)
         except Exception:  # a controller bug must never leave the old cap standing
@@ -231,7 +243,8 @@ class Agent:
     def react(self) -> Decision:
         """Apply the safety layer now, between ticks (a leak, an operator command)."""
         assert self.control is not None
-        decision = self.control.react(snapmod.observation(self.take_snapshot()))
+        share = self.rack.share if self.rack is not None else None
+        decision = self.control.react(snapmod.observation(self.take_snapshot(), share, self.flow_fraction))
         self.apply(decision, force=True)
         return decision
 
@@ -306,6 +319,15 @@ class Agent:
         self.reports.gpus = self.poller.gpus
         self.control = ControlLoop.from_config(self.cfg, self.infos)
         self.reports.model_info = self.control.model_info
+        if self.cfg.rack.members:
+            self.rack = RackCoordinator(
+                self.cfg,
+                link=self.link,
+                metrics=self.metrics,
+                incarnation=self.incarnation,
+                node_max_w=len(self.infos) * self.control.limits.gpu_power_max_w,
+                rack_base=self.topics.base.rsplit("/", 1)[0],
+            )
         self.cap = CapPublisher(
             self.cfg,
             node=self.node,

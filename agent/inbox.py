@@ -25,15 +25,15 @@ class _Lane:
     def __init__(self, per_topic: int, max_total: int) -> None:
         self.per_topic = per_topic
         self.max_total = max_total
-        self.topics: OrderedDict[str, deque[bytes]] = OrderedDict()
+        self.topics: OrderedDict[str, deque[tuple[bytes, bool]]] = OrderedDict()
         self.size = 0
         self.dropped_total = 0
 
-    def put(self, topic: str, payload: bytes) -> None:
+    def put(self, topic: str, payload: bytes, retained: bool) -> None:
         q = self.topics.get(topic)
         if q is None:
             q = self.topics[topic] = deque()
-        q.append(payload)
+        q.append((payload, retained))
         self.size += 1
         if len(q) > self.per_topic:
             q.popleft()
@@ -48,15 +48,15 @@ class _Lane:
             if not victim:
                 del self.topics[victim_topic]
 
-    def get(self) -> tuple[str, bytes]:
+    def get(self) -> tuple[str, bytes, bool]:
         topic, q = next(iter(self.topics.items()))
-        payload = q.popleft()
+        payload, retained = q.popleft()
         self.size -= 1
         if q:
             self.topics.move_to_end(topic)
         else:
             del self.topics[topic]
-        return topic, payload
+        return topic, payload, retained
 
 
 class Inbox:
@@ -76,18 +76,18 @@ class Inbox:
         self.received_total = 0
         self._ready = asyncio.Event()
 
-    def put(self, lane: int, topic: str, payload: bytes) -> None:
-        """Queue a message; never blocks (the oldest of its topic goes when full)."""
-        self.lanes[min(max(lane, 0), len(self.lanes) - 1)].put(topic, payload)
+    def put(self, lane: int, topic: str, payload: bytes, retained: bool = False) -> None:
+        """Queue a message (``retained``: the broker's stored copy); never blocks (the oldest of its topic goes when full)."""
+        self.lanes[min(max(lane, 0), len(self.lanes) - 1)].put(topic, payload, retained)
         self.received_total += 1
         self._ready.set()
 
-    def get_nowait(self) -> tuple[int, str, bytes] | None:
-        """The next message by lane priority, or None when empty."""
+    def get_nowait(self) -> tuple[int, str, bytes, bool] | None:
+        """The next message by lane priority (lane, topic, payload, retained), or None when empty."""
         for i, lane in enumerate(self.lanes):
             if lane.size:
-                topic, payload = lane.get()
-                return i, topic, payload
+                topic, payload, retained = lane.get()
+                return i, topic, payload, retained
         self._ready.clear()
         return None
 

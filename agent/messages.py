@@ -63,8 +63,17 @@ class Status(_Msg):
 
     schema_: Literal["rackguard.status/1"] = Field("rackguard.status/1", alias="schema")
     state: Literal["online", "offline"]
-    t_s: float
+    t_s: float = Field(
+        description="online: when the agent (re)connected and sent its birth; offline as the last will: when "
+        "the agent connected and handed the will to the broker (the broker sends it later, unchanged); "
+        "offline on shutdown: when the agent stopped"
+    )
     node: NodeId
+    incarnation: int | None = Field(
+        None,
+        description="grows on every start of the agent (persisted in the state directory); the birth and "
+        "the last will of one run carry the same number",
+    )
     version: str | None = None
     backend: str | None = None
     reason: str | None = None
@@ -194,6 +203,40 @@ class Cap(_Msg):
     manual_ceiling: int | None = None
 
 
+# Bounds on a rack claim: a claim outside them is rejected and counted (agent/rack.py).
+CLAIM_MAX_BYTES = 1024
+CLAIM_MAX_CLASSES = 8
+
+
+class ClassDemand(_Msg):
+    cls: str = Field(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_.-]+$")
+    prio: int = Field(ge=0, le=100, description="higher is served first")
+    demand_w: int = Field(ge=0, description="watts this class would use on the node")
+
+
+class Claim(_Msg):
+    """Retained on ``.../claim`` every control period: the node's part in the rack's split (agent/rack.py)."""
+
+    schema_: Literal["rackguard.claim/1"] = Field("rackguard.claim/1", alias="schema")
+    node: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    inc: int = Field(ge=0, le=2**53, description="incarnation: grows on every start (as the status's)")
+    seq: int = Field(ge=0, le=2**53)
+    t_s: float = Field(allow_inf_nan=False, description="sender's clock; receivers age claims by their own")
+    heat_w: int = Field(ge=0, description="heat the node puts into the coolant now")
+    power_w: int = Field(ge=0, description="the node's GPU power now")
+    floor_w: int = Field(ge=0)
+    demand: list[ClassDemand] = Field(max_length=CLAIM_MAX_CLASSES, description="per workload class")
+    cap_total: int = Field(ge=0, description="the concurrency cap in force")
+    share_w: int = Field(ge=0, description="the share in force")
+    next_w: int = Field(ge=0, description="the share it will raise to next period (= share_w: none)")
+    view: str = Field(max_length=16, description="hash of its view of the rack")
+    cfg: str = Field(max_length=16, description="hash of its rack capacity config")
+    capacity_w: int = Field(ge=0, description="the rack's capacity as it sees it now")
+    budget_w: int = Field(ge=0, description="its configured power budget (0: none)")
+    degraded_w: int = Field(ge=0, description="its configured degraded capacity")
+    fallback: bool = Field(description="running at its fallback share (rack data stale)")
+
+
 class Alarm(_Msg):
     """Retained on ``.../alarm/<sensor>`` (QoS 1): the detector's state, re-published on every connect."""
 
@@ -301,6 +344,7 @@ MESSAGES: dict[str, type[BaseModel]] = {
     "alarm/<sensor>": Alarm,
     "gate/<gate_id>": GateReport,
     "cmd/ack": CommandAck,
+    "claim": Claim,
 }
 
 

@@ -230,6 +230,20 @@ class Metrics:
             registry=r,
         )
         self.degraded = Gauge("rackguard_degraded", "1 while /healthz reports degraded", registry=r)
+        # The rack's split (agent/rack.py).
+        self.rack_share_w = Gauge("rackguard_rack_share_watts", "This node's share of the rack", registry=r)
+        self.rack_capacity_w = Gauge(
+            "rackguard_rack_capacity_watts", "The rack's capacity as this node sees it", registry=r
+        )
+        self.rack_fallback = Gauge(
+            "rackguard_rack_fallback", "1 while at the fallback share (broker or rack data lost)", registry=r
+        )
+        self.rack_backstop_scale = Gauge(
+            "rackguard_rack_backstop_scale", "Multiplicative backstop on the share (1: none)", registry=r
+        )
+        self.rack_claims_rejected = Counter(
+            "rackguard_rack_claims_rejected", "Rejected rack claims", ["reason"], registry=r
+        )
         self._totals: dict[tuple[int, tuple[str, ...]], float] = {}
 
     def gpu(self, index: int) -> tuple[str, str]:

@@ -43,6 +43,7 @@ from rackguard.agent.outbox import MemoryOutbox, Outbox, OutMsg
 
 Handler = Callable[[str, bytes], None]
 Lane = int | Callable[[str], int]  # a fixed inbox lane, or one per topic
+RetainHandler = Callable[[str, bytes, bool], None]  # also told whether the broker delivered a retained copy
 PUBLISH_WINDOW = 64  # QoS 1 messages in flight at once while draining
 MAX_PACKET_BYTES = 65_536  # MQTT 5 Maximum Packet Size: the broker drops larger messages to us
 DISPATCH_BATCH = 8  # handled messages between yields to the socket reader
@@ -311,6 +312,7 @@ class MqttLink:
         self._states: dict[str, OutMsg] = {}
         self._dirty: dict[str, None] = {}
         self._handlers: list[tuple[str, Handler, Lane]] = []
+        self._retain_handlers: list[tuple[str, RetainHandler, Lane]] = []
         self._wake = asyncio.Event()  # the outbox has something new
         self._state_wake = asyncio.Event()  # a state topic changed
         self.inbox = Inbox()
@@ -353,6 +355,10 @@ class MqttLink:
         if self.last_refusal is None or time.monotonic() - self.last_refusal[0] > within_s:
             return None
         return self.last_refusal[1]
+
+    def subscribe_retained(self, topic_filter: str, handler: RetainHandler, lane: Lane = OTHER) -> None:
+        """As :meth:`subscribe`; the handler also gets whether the message is a retained copy (old news)."""
+        self._retain_handlers.append((topic_filter, handler, lane))
 
     def set_state(self, topic: str, payload: bytes, *, expiry_s: int | None = None) -> None:
         """Publish a retained latest-value message now (or on the next connect)."""
@@ -433,7 +439,9 @@ class MqttLink:
                     self._dirty.update(dict.fromkeys(self._states))
                     self._state_refused.clear()
                     self._outbox_refused = None
-                    for topic_filter in dict.fromkeys(f for f, _, _ in self._handlers):
+                    for topic_filter in dict.fromkeys(
+                        f for f, _, _ in [*self._handlers, *self._retain_handlers]
+                    ):
                         await client.subscribe(topic_filter, qos=1)
                     await self._serve(client, stop)
                     # Graceful shutdown: say goodbye explicitly (the will is only for crashes).
@@ -624,7 +632,7 @@ class MqttLink:
 
     def _lane(self, topic: str) -> int:
         lane = OTHER
-        for topic_filter, _, how in self._handlers:
+        for topic_filter, _, how in [*self._handlers, *self._retain_handlers]:
             if topic_matches(topic_filter, topic):
                 lane = min(lane, how(topic) if callable(how) else how)
         return lane
@@ -638,7 +646,8 @@ class MqttLink:
             if topic in priority and self.priority_connected:
                 continue  # the safety connection delivers it
             payload = message.payload if isinstance(message.payload, bytes) else str(message.payload).encode()
-            inbox.put(self._lane(topic), topic, payload)
+            retained = bool(getattr(message, "retain", False))
+            inbox.put(self._lane(topic), topic, payload, retained)
 
     async def _dispatch(self) -> None:
         """Hand inbox messages to their handlers, by lane, yielding to the reader often."""
@@ -649,13 +658,20 @@ class MqttLink:
                 item = inbox.get_nowait()
                 if item is None:
                     break
-                self._handle(item[1], item[2])
+                _, topic, payload, retained = item
+                self._handle(topic, payload, retained)
             await asyncio.sleep(0)
 
-    def _handle(self, topic: str, payload: bytes) -> None:
+    def _handle(self, topic: str, payload: bytes, retained: bool = False) -> None:
         for topic_filter, handler, _ in self._handlers:
             if topic_matches(topic_filter, topic):
                 try:
                     handler(topic, payload)
+                except Exception:
+                    self._rl.exception("mqtt_handler_failed", topic_filter, topic=topic[:200])
+        for topic_filter, rhandler, _ in self._retain_handlers:
+            if topic_matches(topic_filter, topic):
+                try:
+                    rhandler(topic, payload, retained)
                 except Exception:
                     self._rl.exception("mqtt_handler_failed", topic_filter, topic=topic[:200])

@@ -70,6 +70,7 @@ class Reporter:
         energy: The energy-per-token meter.
         backend_name: The GPU backend's name, for the birth message.
         host: A host sensor with a blocking ``read()``, or None.
+        incarnation: This run's incarnation, carried by the birth and the will.
     """
 
     def __init__(
@@ -86,12 +87,14 @@ class Reporter:
         backend_name: str,
         seqs: SeqStore,
         host: Any = None,
+        incarnation: int | None = None,
     ) -> None:
         self.cfg = cfg
         self.node, self.topics, self.link, self.metrics = node, topics, link, metrics
         self.coolant, self.gates, self.energy = coolant, gates, energy
         self.backend_name = backend_name
         self.host = host
+        self.incarnation = incarnation
         self.gpus: list[GpuState] = []
         # The durable outbox holds telemetry's exact seq (written with each message); the seq
         # store only matters when the outbox lost it (then the jump tells consumers of the loss).
@@ -109,7 +112,11 @@ class Reporter:
 
     # -- retained state ------------------------------------------------------------------
     def offline_payload(self, reason: str) -> bytes:
-        return dump(Status(state="offline", t_s=time.time(), node=self.node, reason=reason))
+        return dump(
+            Status(
+                state="offline", t_s=time.time(), node=self.node, reason=reason, incarnation=self.incarnation
+            )
+        )
 
     def birth(self, infos: list[GpuInfo] | None = None) -> None:
         """Publish the retained ``online`` status with the GPU inventory."""
@@ -124,6 +131,7 @@ class Reporter:
             state="online",
             t_s=time.time(),
             node=self.node,
+            incarnation=self.incarnation,
             version=__version__,
             backend=self.backend_name,
             poll_period_s=self.cfg.sensors.poll_period_s,

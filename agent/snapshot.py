@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from rackguard.agent.coolant_monitor import CoolantMonitor
 from rackguard.agent.gate_reports import GateTracker
 from rackguard.agent.sensing import GpuState, GpuStateName
-from rackguard.controllers.api import CoolantObs, GpuObs, Observation
+from rackguard.controllers.api import CoolantObs, GpuObs, NodeShare, Observation
 from rackguard.sensors.base import GpuSample
 from rackguard.sensors.coolant import CoolantSnapshot
 
@@ -99,8 +99,17 @@ def take(
     )
 
 
-def observation(snap: NodeSnapshot) -> Observation:
-    """The controllers' view of a snapshot (the only conversion there is)."""
+def observation(
+    snap: NodeSnapshot, share: NodeShare | None = None, flow_fraction: float = 1.0
+) -> Observation:
+    """The controllers' view of a snapshot (the only conversion there is).
+
+    Args:
+        snap: The snapshot.
+        share: The node's rack share (None outside a rack).
+        flow_fraction: The node's part of the measured flow (in a rack the CDU's flow is the
+            whole rack's; the node's cold plates get its weight's part).
+    """
     gpus = []
     for i, g in enumerate(snap.gpus):
         s = g.sample
@@ -123,6 +132,11 @@ def observation(snap: NodeSnapshot) -> Observation:
     coolant = (
         CoolantObs()
         if c is None
-        else CoolantObs(supply_temp_c=c.supply_temp_c, flow_lpm=c.flow_lpm, stale=c.stale, leak=c.leak)
+        else CoolantObs(
+            supply_temp_c=c.supply_temp_c,
+            flow_lpm=None if c.flow_lpm is None else c.flow_lpm * flow_fraction,
+            stale=c.stale,
+            leak=c.leak,
+        )
     )
-    return Observation(t_s=snap.mono_s, gpus=tuple(gpus), coolant=coolant)
+    return Observation(t_s=snap.mono_s, gpus=tuple(gpus), coolant=coolant, share=share)

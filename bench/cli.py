@@ -97,6 +97,17 @@ def register(sub: Any) -> None:
     f.add_argument("--json", action="store_true", help="print one JSON object")
     f.set_defaults(func=cmd_fleet)
 
+    r = bsub.add_parser("rack", help="one rack, one budget: independent vs static vs coordinated vs oracle")
+    r.add_argument("--nodes", type=int, default=8, help="agents, each its own process (default 8)")
+    r.add_argument("--gpus", type=int, default=4, help="simulated GPUs per node (default 4)")
+    r.add_argument(
+        "--arm", action="append", choices=("independent", "static", "coordinated"), help="run only these arms"
+    )
+    r.add_argument("--quick", action="store_true", help="the timeline scaled by 0.4 (CI)")
+    r.add_argument("--drill", choices=("broker",), help="broker: coordinated only, the broker down for 30 s")
+    r.add_argument("--json", action="store_true", help="print one JSON object")
+    r.set_defaults(func=cmd_rack)
+
     p.set_defaults(func=lambda args: _usage(p))
 
 
@@ -316,3 +327,21 @@ def cmd_fleet(args: argparse.Namespace) -> int:
         progress=_progress(False),
     )
     return _report("fleet", lambda: run_fleet_bench(opts), args.json)
+
+
+def cmd_rack(args: argparse.Namespace) -> int:
+    """``rackguard bench rack``."""
+    from rackguard.bench.rack import ARMS, RackOptions, run_rack_bench
+
+    if args.nodes < 2:
+        print("rackguard bench rack: --nodes must be at least 2", file=sys.stderr)
+        return EX_USAGE
+    opts = RackOptions(
+        nodes=args.nodes,
+        gpus=args.gpus,
+        arms=tuple(a for a in ARMS if not args.arm or a in args.arm),
+        quick=args.quick,
+        drill=args.drill,
+        progress=_progress(False),
+    )
+    return _report("rack", lambda: run_rack_bench(opts), args.json)

@@ -71,7 +71,8 @@ class Observation:
         gpus: One entry per GPU, in a fixed order.
         coolant: The node's coolant loop.
         share: The node's rack share this tick, or None outside a rack. It tightens
-            ``Limits.node_power_budget_w`` and the coolant heat limit; it never loosens them.
+            ``Limits.node_power_budget_w``, and its heat replaces the limit from the node's flow
+            (in a rack the measured flow is the whole rack's; the share is this node's part).
     """
 
     t_s: float

@@ -28,7 +28,7 @@ def node_limit_w(limits: Limits, obs: Observation) -> tuple[float, Binding]:
     if limits.node_power_budget_w is not None:
         out, kind = limits.node_power_budget_w, "power"
     flow = obs.coolant.flow_lpm
-    if flow is not None and not obs.coolant.stale:
+    if flow is not None and not obs.coolant.stale and obs.share is None:  # in a rack the share replaces it
         q = limits.coolant_heat_max_w(flow)
         if q < out:
             out, kind = q, "coolant_flow"

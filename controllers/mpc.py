@@ -442,10 +442,11 @@ class MpcController:
             flows = np.where(ahead, np.maximum(flow_lpm + slope * t_rows_s, low), max(flow_lpm, 0.05 * ref))
             cap_w = lim.coolant_heat_max_w(1.0) * flows  # ṁ·cp·ΔT is linear in flow
         kind: Binding = "coolant_flow"
-        if share is not None and share.coolant_heat_w < float(np.min(cap_w)):
-            kind = "rack_coolant"
         if share is not None:
-            cap_w = np.minimum(cap_w, share.coolant_heat_w)
+            # In a rack the CDU's flow is the whole rack's: this node's part of its capacity is
+            # the share (the flow still sets the plates' dynamics).
+            cap_w = np.full(n, share.coolant_heat_w)
+            kind = "rack_coolant"
         if not np.all(np.isfinite(cap_w)):
             return math.inf, "none"
         # Power noise is not in the plan: keep budget_sigmas of it free, as under the budget.

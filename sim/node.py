@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import os
 import random
 import threading
 import time
@@ -283,6 +284,8 @@ class SimServers:
     tokens_per_request: int = 128
     report_period_s: float = 1.0
     external_max_age_s: float = 3.0
+    flow_fraction: float = 1.0  # in a rack the CDU's flow is the rack's; this node's plates get this part
+    truth_path: str | None = None  # append the plant's true power and work here (benchmarks)
     tick_s: float = (
         0.25  # expiry is re-checked this often (the gate: 0.1 s); a cap or status applies on arrival
     )
@@ -336,7 +339,11 @@ class SimServers:
             r = parse(sensor, payload, now_s=time.time(), max_future_s=3600.0)
             if isinstance(r, Reading):
                 v = r.values
-                self.backend.set_coolant(supply_temp_c=v.get("supply_temp_c"), flow_lpm=v.get("flow_lpm"))
+                flow = v.get("flow_lpm")
+                self.backend.set_coolant(
+                    supply_temp_c=v.get("supply_temp_c"),
+                    flow_lpm=None if flow is None else flow * self.flow_fraction,
+                )
 
     # -- what the servers do ----------------------------------------------------------
     def _external(self, i: int, now_mono: float) -> int | None:
@@ -368,6 +375,16 @@ class SimServers:
         for c, d in zip(self.counters, done, strict=True):
             c.completed += d
             c.tokens += d * self.tokens_per_request
+        if self.truth_path is not None:
+            self._write_truth()
+
+    def _write_truth(self) -> None:
+        """One line per step: wall time, true GPU power, requests and tokens completed (all GPUs)."""
+        completed = sum(c.completed for c in self.counters)
+        tokens = sum(c.tokens for c in self.counters)
+        line = f"{time.time():.3f} {self.backend.total_power_w():.1f} {completed:.2f} {tokens:.1f}\n"
+        with contextlib.suppress(OSError), open(str(self.truth_path), "a") as f:
+            f.write(line)
 
     def reports(self) -> list[tuple[str, bytes]]:
         """Gate reports for the GPUs no real gate is in charge of."""
@@ -393,8 +410,27 @@ class SimServers:
         """Connect, subscribe, and serve until ``stop``; reconnect after a broker fault.
 
         While disconnected the servers keep serving under the limits they have (a valid cap
-        stays valid until it expires), as a gate does.
+        stays valid until it expires), as a gate does: they step on their own clock, whatever
+        the connection does (a publish stuck on a dead link does not stop the work).
         """
+        ticker = asyncio.create_task(self._tick(stop))
+        try:
+            await self._connected(factory, stop)
+        finally:
+            ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ticker
+
+    async def _tick(self, stop: asyncio.Event) -> None:
+        last = time.monotonic()
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.tick_s)
+            now = time.monotonic()
+            self.step(now - last)
+            last = now
+
+    async def _connected(self, factory: ClientFactory, stop: asyncio.Event) -> None:
         while not stop.is_set():
             try:
                 async with factory(None) as client:
@@ -422,17 +458,8 @@ class SimServers:
             except Exception as exc:  # broker gone: serve on, retry
                 self.log.debug("sim_servers_disconnected", error=str(exc)[:200])
             if not stop.is_set():
-                await self._serve_offline(stop, 1.0)
-
-    async def _serve_offline(self, stop: asyncio.Event, seconds: float) -> None:
-        end = time.monotonic() + seconds
-        last = time.monotonic()
-        while not stop.is_set() and time.monotonic() < end:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.tick_s)
-            now = time.monotonic()
-            self.step(now - last)
-            last = now
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 1.0)
 
     async def _read(self, client: ClientLike) -> None:
         async for m in client.messages:
@@ -442,11 +469,8 @@ class SimServers:
 
     async def _serve(self, client: ClientLike, stop: asyncio.Event) -> None:
         next_report = time.monotonic() + self.report_period_s
-        last = time.monotonic()
         while not stop.is_set():
             now = time.monotonic()
-            self.step(now - last)
-            last = now
             if now >= next_report:
                 next_report = now + self.report_period_s
                 for topic, payload in self.reports():
@@ -455,8 +479,15 @@ class SimServers:
                 await asyncio.wait_for(stop.wait(), self.tick_s)
 
 
-def from_config(cfg: Config, *, seed: int | None = None) -> tuple[SimBackend, SimServers]:
-    """The simulated node a config describes (``[sim]``), with servers on the agent's topics."""
+def from_config(
+    cfg: Config, *, seed: int | None = None, servers_in_charge: bool = True
+) -> tuple[SimBackend, SimServers]:
+    """The simulated node a config describes (``[sim]``), with servers on the agent's topics.
+
+    With ``servers_in_charge`` (the servers will run) the GPUs are held at ``safe_cap`` from
+    the start, as a gated server holds them before its first cap; otherwise they serve all
+    that is offered until someone sets caps.
+    """
     sc = cfg.sim
     backend = SimBackend(
         sc.gpus,
@@ -476,7 +507,11 @@ def from_config(cfg: Config, *, seed: int | None = None) -> tuple[SimBackend, Si
             dict.fromkeys([*cfg.coolant.subscribe, *(s.topic for s in cfg.coolant.sensors)])
         ),
         external_max_age_s=cfg.gate.report_max_age_s,
+        flow_fraction=cfg.rack.flow_fraction(cfg.node.name),
+        truth_path=os.environ.get("RACKGUARD_SIM_TRUTH") or None,
     )
+    if servers_in_charge:
+        backend.caps[:] = float(servers.safe_cap)
     return backend, servers
 
 

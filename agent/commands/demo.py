@@ -54,6 +54,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--scenario", type=Path, help="CDU fault scenario (default: pump failure at 20 s)")
     p.add_argument("--seconds", type=float, default=0, help="stop after this long (default: until Ctrl-C)")
     p.add_argument("--raw", action="store_true", help="print every published message as JSON")
+    p.add_argument(
+        "--rack", type=int, default=0, metavar="N", help="a rack of N nodes on one CDU (demo_rack.py)"
+    )
     p.set_defaults(func=main)
 
 
@@ -152,6 +155,12 @@ async def _demo(cfg: configmod.Config, scenario: Any, seconds: float, raw: bool)
 
 def main(args: argparse.Namespace) -> int:
     from rackguard.sim.cdu import Scenario
+
+    if args.rack:
+        from rackguard.agent.commands import demo_rack
+
+        logmod.configure("error", "console")
+        return asyncio.run(demo_rack.run(args.rack, args.seconds))
 
     try:
         if args.config is None:

@@ -15,7 +15,9 @@ import json
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import aiomqtt
 from pydantic import ValidationError
@@ -77,24 +79,34 @@ async def run(
     duration_s: float | None,
     factory: ClientFactory | None = None,
     stop: asyncio.Event | None = None,
+    heat_source: Callable[[], float] | None = None,
+    on_step: Callable[[Any], None] | None = None,
+    tau_flow_s: float | None = None,
 ) -> int:
     """Publish until stopped (SIGTERM/SIGINT, or ``stop``) or the duration has passed.
 
     ``factory`` makes the MQTT clients (default: aiomqtt per ``cfg.mqtt``; the demo
-    passes its in-process broker's).
+    passes its in-process broker's). With ``[rack]`` members the CDU is the rack's: its
+    nominal flow is ``sim.flow_lpm`` per member and its heat the sum of every member's
+    telemetry (``heat_source`` overrides that: a benchmark reads the plants' true power).
+    ``on_step`` gets the simulated CDU after every step.
     """
     from rackguard.sim.cdu import LoopParams, Scenario, SimCdu
 
     assert isinstance(scenario, Scenario)
     log = logmod.get("sim_cdu")
+    members = max(1, len(cfg.rack.members))
     params = LoopParams(
-        nominal_flow_lpm=cfg.sim.flow_lpm,
+        nominal_flow_lpm=cfg.sim.flow_lpm * members,
         supply_temp_c=cfg.sim.supply_temp_c,
         cp_j_per_kg_k=cfg.coolant.cp_j_per_kg_k,
         density_kg_per_l=cfg.coolant.density_kg_per_l,
     )
+    if tau_flow_s is not None:
+        params.tau_flow_s = tau_flow_s
     cdu = SimCdu(list(cfg.coolant.sensors), scenario, params, seed=cfg.sim.seed)
-    state = {"heat_w": heat_w if heat_w is not None else cfg.sim.gpus * 400.0}
+    state = {"heat_w": heat_w if heat_w is not None else cfg.sim.gpus * 400.0 * members}
+    node_heat_w: dict[str, float] = {}
     if stop is None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -106,6 +118,8 @@ async def run(
     # Its own availability topic, outside the agents' tree: a consumer of
     # ``rackguard/+/+/+/status`` sees only agents' status messages.
     status_topic = f"sim-cdu/{cfg.node.site}/{cfg.node.rack}/status"
+    if cfg.rack.members:  # the rack's CDU: every member's heat
+        telemetry_topic = f"{cfg.mqtt.topic_prefix}/{cfg.node.site}/{cfg.node.rack}/+/telemetry"
     factory = factory or aiomqtt_factory(
         cfg.mqtt, f"rackguard-sim-cdu-{cfg.node.site}-{cfg.node.rack}-{cfg.node.name}"
     )
@@ -118,7 +132,8 @@ async def run(
                 doc = json.loads(bytes(m.payload) if isinstance(m.payload, bytes | bytearray) else b"")
                 powers = [g["power_w"]["mean"] for g in doc["gpus"] if g.get("power_w")]
                 if powers:
-                    state["heat_w"] = float(sum(powers))
+                    node_heat_w[str(m.topic)] = float(sum(powers))
+                    state["heat_w"] = sum(node_heat_w.values())
             except (ValueError, KeyError, TypeError):
                 continue
 
@@ -136,9 +151,12 @@ async def run(
                         if duration_s is not None and now - start >= duration_s:
                             stop.set()
                             break
-                        for ev in cdu.step(now - last, state["heat_w"]):
+                        heat = heat_source() if heat_source is not None else state["heat_w"]
+                        for ev in cdu.step(now - last, heat):
                             log.info("sim_cdu_event", t_s=round(cdu.loop.t_s, 2), fired=ev.model_dump())
                         last = now
+                        if on_step is not None:
+                            on_step(cdu)
                         for topic, payload in cdu.payloads(time.time()):
                             await client.publish(topic, payload, qos=1, retain=False, timeout=5)
                         with contextlib.suppress(TimeoutError):

@@ -98,10 +98,10 @@ def test_inbox_priority_and_bounds(items: list[tuple[int, int]]) -> None:
     while (item := box.get_nowait()) is not None:
         out.append(item)
     assert len(out) == kept
-    lanes = [lane for lane, _, _ in out]
+    lanes = [lane for lane, _, _, _ in out]
     assert lanes == sorted(lanes)  # leak before sensors before the rest
-    for key in {(lane, t) for lane, t, _ in out}:  # each topic keeps its order (its newest messages)
-        seq = [int(p) for lane, t, p in out if (lane, t) == key]
+    for key in {(lane, t) for lane, t, _, _ in out}:  # each topic keeps its order (its newest messages)
+        seq = [int(p) for lane, t, p, _ in out if (lane, t) == key]
         assert seq == sorted(seq)
 
 
@@ -111,7 +111,7 @@ def test_inbox_round_robin_between_topics() -> None:
         box.put(SENSOR, "storm", str(i).encode())
     box.put(SENSOR, "quiet", b"q")
     firsts = [box.get_nowait() for _ in range(3)]
-    assert (SENSOR, "quiet", b"q") in firsts  # not behind the 50 storm messages
+    assert (SENSOR, "quiet", b"q", False) in firsts  # not behind the 50 storm messages
 
 
 # -- a leak in a storm ----------------------------------------------------------------------

@@ -145,6 +145,16 @@ RESTART: dict[str, Any] = {
         "backend": "b",
         "servers": [{"name": "s", "gpus": [0]}],
     },
+    "rack.members": [{"name": "node2"}, {"name": "peer", "weight": 2.0}],
+    "rack.power_budget_w": 9000.0,
+    "rack.return_limit_c": 45.0,
+    "rack.degraded_capacity_w": 4000.0,
+    "rack.floor_w": 100.0,
+    "rack.max_node_power_w": 9000.0,
+    "rack.claim_lifetime_s": 4.0,
+    "rack.dead_after_s": 40.0,
+    "rack.backstop_factor": 0.7,
+    "rack.split": "static",
 }
 
 BASE: dict[str, Any] = {
