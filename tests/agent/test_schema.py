@@ -29,6 +29,7 @@ def test_every_schema_has_dialect_and_id_and_cmd_is_described() -> None:
         "gate/<gate_id>",
         "cmd/ack",
         "cmd",
+        "claim",
     }
     for name, s in schemas.items():
         assert s["$schema"] == "https://json-schema.org/draft/2020-12/schema", name
