@@ -1,9 +1,9 @@
 """The state behind ``rackguard top``: what the agents publish, folded into one view.
 
 :class:`TopState` takes every message on ``<prefix>/<site>/<rack>/<node>/{status,
-telemetry,cap,alarm/<sensor>}`` (:meth:`TopState.handle`, never raises) and renders a
+telemetry,cap,claim,alarm/<sensor>}`` (:meth:`TopState.handle`, never raises) and renders a
 scope with rich: one node (a row per GPU against its limits), a rack or a site (a row
-per node). Everything shown comes from MQTT, so it works from any machine that may read
+per node, with its share of the rack's capacity from its claim). Everything shown comes from MQTT, so it works from any machine that may read
 the topics. A node whose telemetry is older than three publish periods is ``STALE``; one
 whose status is ``offline`` is ``OFFLINE``.
 """
@@ -36,6 +36,7 @@ class NodeView:
     telemetry: dict[str, Any] | None = None
     telemetry_mono: float | None = None
     cap: dict[str, Any] | None = None
+    claim: dict[str, Any] | None = None
     alarms: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
@@ -96,7 +97,7 @@ class TopState:
     def topic_filters(self) -> list[str]:
         site = self.focus[0] or "+"
         base = f"{self.prefix}/{site}/+/+"
-        return [f"{base}/status", f"{base}/telemetry", f"{base}/cap", f"{base}/alarm/+"]
+        return [f"{base}/status", f"{base}/telemetry", f"{base}/cap", f"{base}/claim", f"{base}/alarm/+"]
 
     def handle(self, topic: str, payload: bytes) -> None:
         """Fold one message in; anything malformed is counted and ignored."""
@@ -124,6 +125,8 @@ class TopState:
             n.telemetry, n.telemetry_mono = doc, self.monotonic()
         elif kind == "cap":
             n.cap = doc
+        elif kind == "claim":
+            n.claim = doc
         elif kind.startswith("alarm/"):
             n.alarms[kind.removeprefix("alarm/")] = doc
         if self.focus[2] is None:
@@ -178,6 +181,8 @@ class TopState:
             parts += [self._node_header(n, now), self._gpu_table(n), self._coolant_line(n)]
         else:
             parts.append(self._node_table(nodes, now))
+            if self.scope == "rack":
+                parts.append(self._rack_line(nodes))
         alarms = [(n, a) for n in nodes for a in n.latched_alarms()]
         if alarms:
             for n, a in alarms:
@@ -207,7 +212,35 @@ class TopState:
     def _node_header(self, n: NodeView, now: float) -> Text:
         state = n.state(now)
         style = {"ONLINE": "green", "STALE": "yellow", "OFFLINE": "bold red"}[state]
-        return Text.assemble((f"{n.name} {state}", style), "  ", self._cap_text(n))
+        return Text.assemble((f"{n.name} {state}", style), "  ", self._cap_text(n), self._share_text(n))
+
+    @staticmethod
+    def _share_text(n: NodeView) -> Text:
+        c = n.claim
+        if c is None:
+            return Text("")
+        share, cap = _num(c.get("share_w")), _num(c.get("capacity_w"))
+        return Text.assemble(
+            f"  rack share {_fmt(share, 0, ' W')} of {_fmt(cap, 0, ' W')}",
+            ("  FALLBACK" if c.get("fallback") is True else "", "bold yellow"),
+        )
+
+    @staticmethod
+    def _rack_line(nodes: list[NodeView]) -> Text:
+        """The rack's split: the shares in force against the capacity the members see."""
+        claims = [n.claim for n in nodes if n.claim is not None]
+        if not claims:
+            return Text("rack: no claims (not coordinated)", style="dim")
+        shares = [s for c in claims if (s := _num(c.get("share_w"))) is not None]
+        caps = [x for c in claims if (x := _num(c.get("capacity_w"))) is not None]
+        fallback = [n.name for n in nodes if n.claim is not None and n.claim.get("fallback") is True]
+        over = bool(caps) and sum(shares) > min(caps)
+        return Text.assemble(
+            "rack: shares ",
+            (_fmt(sum(shares), 0, " W"), "bold red" if over else "green"),
+            f" of capacity {_fmt(min(caps) if caps else None, 0, ' W')} ({len(claims)} claims)",
+            ("  fallback: " + ", ".join(fallback), "bold yellow") if fallback else "",
+        )
 
     def _gpu_table(self, n: NodeView) -> Table:
         t = Table(box=None, pad_edge=False)
@@ -268,6 +301,7 @@ class TopState:
             "cap",
             "reason",
             "binding",
+            "share W",
             "flow margin",
             "leak",
         ):
@@ -293,6 +327,7 @@ class TopState:
                 str(cap.get("total", "–")),
                 str(cap.get("reason", "–")),
                 str(cap.get("binding", "–")),
+                _fmt(_num((n.claim or {}).get("share_w"))),
                 _fmt(_num(coolant.get("flow_margin")) if isinstance(coolant, dict) else None, 2),
                 Text(leak.upper(), style="bold red" if leak not in ("ok", "–") else ""),
             )

@@ -124,6 +124,7 @@ def test_a_node_starts_at_its_fallback_share_and_claims_within_bounds() -> None:
         (f"{BASE}/n1/claim", b"{" + b" " * 2000 + b"}", "too_large"),
         (f"{BASE}/n1/claim", claim(seq=1), "replayed"),
     ],
+    ids=["not_json", "wrong_topic", "stranger", "old_inc", "demand", "share", "too_large", "replayed"],
 )
 def test_a_bad_claim_is_rejected_counted_and_never_raises_another_share(
     topic: str, payload: bytes, reason: str

@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from rich.console import Console
 
+from rackguard.agent.messages import Claim, ClassDemand, dump
 from rackguard.agent.top import TopState
 
 REPO = Path(__file__).resolve().parents[2]
@@ -166,3 +168,45 @@ def test_top_state_ignores_garbage_and_history() -> None:
     assert s.nodes[("s", "r", "n")].state(t[0]) == "STALE"
     s.handle("rackguard/s/r/n/status", b'{"state": "offline"}')
     assert s.nodes[("s", "r", "n")].state(t[0]) == "OFFLINE"
+
+
+def _claim(node: str, share_w: int, fallback: bool = False) -> bytes:
+    return dump(
+        Claim(
+            node=node,
+            inc=1,
+            seq=3,
+            t_s=0.0,
+            heat_w=share_w,
+            power_w=share_w,
+            floor_w=300,
+            demand=[ClassDemand(cls="default", prio=0, demand_w=share_w)],
+            cap_total=16,
+            share_w=share_w,
+            next_w=share_w,
+            view="v",
+            cfg="c",
+            capacity_w=6000,
+            budget_w=6000,
+            degraded_w=3000,
+            fallback=fallback,
+        )
+    )
+
+
+def test_top_shows_each_nodes_rack_share_and_the_rack_split() -> None:
+    s = TopState(monotonic=lambda: 0.0, scope="rack")
+    assert "s/+/+/claim" in " ".join(TopState(site="s").topic_filters())
+    s.handle("rackguard/s/r/n0/claim", _claim("n0", 2500))
+    s.handle("rackguard/s/r/n1/claim", _claim("n1", 1500, fallback=True))
+    console = Console(width=160, record=True)
+    console.print(s.render())
+    screen = console.export_text()
+    row = next(line for line in screen.splitlines() if line.startswith("n0"))
+    assert "2500" in row
+    assert "rack: shares 4000 W of capacity 6000 W (2 claims)" in screen
+    assert "fallback: n1" in screen
+    s.set_scope("node")
+    console = Console(width=160, record=True)
+    console.print(s.render())
+    assert "rack share 2500 W of 6000 W" in console.export_text()
