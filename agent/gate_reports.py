@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from rackguard.agent.config import Config
 
 FORGET_AFTER_S = 600.0  # a gate silent this long is dropped from the table
+MAX_GATES = 1024  # gates tracked at once: a report from one more is rejected (memory, metric series)
 MAX_CLASSES = 64  # distinct workload-class names counted (metrics labels stay bounded)
 _CLASS_OUTCOMES = (
     ("completed_total", "ok"),
@@ -87,6 +88,9 @@ class GateTracker:
             return None
         now = self.monotonic()
         prev = self.gates.get(report.gate_id)
+        if prev is None and len(self.gates) >= MAX_GATES:
+            self._reject(topic, "too_many_gates", f"{MAX_GATES} gates tracked already")
+            return None
         if prev is not None:
             self.window_requests += _delta(prev.report.completed_total, report.completed_total)
             tokens = _delta(prev.report.tokens_total, report.tokens_total)

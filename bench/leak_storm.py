@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -76,12 +77,15 @@ max_age_s = 600
 
 # The agent alone, as on a real node: no simulated inference servers in its process.
 AGENT = r"""
-import asyncio, sys, tomllib
+import asyncio, sys, time, tomllib
 from rackguard.agent import config, log
 from rackguard.agent.daemon import Agent
 log.configure("error", "json")
 cfg = config.validate(tomllib.loads(open(sys.argv[1]).read()))
-sys.exit(asyncio.run(Agent(cfg).run()))
+agent = Agent(cfg)
+# The safety hook's time (CLOCK_MONOTONIC, the same clock as the bench's perf_counter on Linux).
+agent.on_leak = lambda event: print(f"hook {time.perf_counter()} {event.state}", flush=True)
+sys.exit(asyncio.run(agent.run()))
 """
 
 STORM = r"""
@@ -124,8 +128,19 @@ def run(port: int, rounds: int, storm: int, tree: Path | None, workdir: Path) ->
         [sys.executable, "-c", AGENT, str(conf)],
         env=env,
         cwd=tree or None,
-        stdout=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        text=True,
     )
+    hooks: queue.Queue[float] = queue.Queue()
+
+    def read_hooks() -> None:
+        assert agent.stdout is not None
+        for line in agent.stdout:
+            parts = line.split()
+            if len(parts) == 3 and parts[0] == "hook" and parts[2] == "critical":
+                hooks.put(float(parts[1]))
+
+    threading.Thread(target=read_hooks, daemon=True).start()
     stormer = subprocess.Popen(
         [sys.executable, "-c", STORM, str(port), str(storm), BASE],
         stdin=subprocess.PIPE,
@@ -134,7 +149,13 @@ def run(port: int, rounds: int, storm: int, tree: Path | None, workdir: Path) ->
     )
     caps: queue.Queue[tuple[float, str]] = queue.Queue()
 
+    echoes: queue.Queue[float] = queue.Queue()
+
     def on_message(client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        if msg.topic == LEAK:
+            if b"Critical" in msg.payload:
+                echoes.put(time.perf_counter())
+            return
         try:
             caps.put((time.perf_counter(), json.loads(msg.payload)["reason"]))
         except (ValueError, KeyError):
@@ -145,6 +166,7 @@ def run(port: int, rounds: int, storm: int, tree: Path | None, workdir: Path) ->
     c.connect("127.0.0.1", port)
     c.loop_start()
     c.subscribe(CAP, qos=1)
+    c.subscribe(LEAK, qos=1)  # the broker's echo of the bench's own leak: the broker's share of the time
 
     def wait_reason(pred: object, timeout_s: float) -> float | None:
         deadline = time.perf_counter() + timeout_s
@@ -160,6 +182,9 @@ def run(port: int, rounds: int, storm: int, tree: Path | None, workdir: Path) ->
                 return t
 
     lat_ms: list[float] = []
+    hook_ms: list[float] = []  # leak sent -> the agent's safety hook ran
+    hook_to_cap_ms: list[float] = []  # the hook -> the cap with reason leak reached the bench
+    echo_ms: list[float] = []  # leak sent -> the broker delivered it back to the bench
     missed = 0
     rates: list[float] = []
     try:
@@ -177,8 +202,9 @@ def run(port: int, rounds: int, storm: int, tree: Path | None, workdir: Path) ->
                     rates.append(float(line[1]))
                     break
                 # A mark: a leak now, in the middle of the storm.
-                while not caps.empty():
-                    caps.get_nowait()
+                for q in (caps, hooks, echoes):
+                    while not q.empty():
+                        q.get_nowait()
                 t0 = time.perf_counter()
                 c.publish(LEAK, json.dumps({"DetectorState": "Critical"}), qos=1)
                 t = wait_reason(lambda r: r == "leak", 10)
@@ -186,6 +212,16 @@ def run(port: int, rounds: int, storm: int, tree: Path | None, workdir: Path) ->
                     missed += 1
                 else:
                     lat_ms.append((t - t0) * 1000)
+                    try:
+                        echo_ms.append((echoes.get(timeout=1.0) - t0) * 1000)
+                    except queue.Empty:
+                        pass
+                    try:
+                        th = hooks.get(timeout=1.0)
+                        hook_ms.append((th - t0) * 1000)
+                        hook_to_cap_ms.append((t - th) * 1000)
+                    except queue.Empty:
+                        pass  # an agent tree without the hook (the reference)
                 c.publish(LEAK, json.dumps({"DetectorState": "OK"}), qos=1)
             if wait_reason(lambda r: r != "leak", 15) is None:
                 raise RuntimeError("the cap did not leave leak after OK")
@@ -214,6 +250,14 @@ def run(port: int, rounds: int, storm: int, tree: Path | None, workdir: Path) ->
         }
         if lat_ms
         else None,
+        "leak_to_hook_ms": {"p50": round(pct(hook_ms, 50), 2), "p99": round(pct(hook_ms, 99), 2)}
+        if hook_ms
+        else None,
+        "hook_to_cap_ms": {"p50": round(pct(hook_to_cap_ms, 50), 2), "p99": round(pct(hook_to_cap_ms, 99), 2)}
+        if hook_to_cap_ms
+        else None,
+        "leak_to_hook_ms_each": [round(x, 1) for x in hook_ms],
+        "broker_echo_ms_each": [round(x, 1) for x in echo_ms],
         "agent_exit": agent.returncode,
     }
 

@@ -72,3 +72,48 @@ def test_bad_class_payloads_rejected_and_names_bounded() -> None:
         t.handle(f"rackguard/s/r/n/gate/g{i}", report(f"g{i}", 1, names))
         t.handle(f"rackguard/s/r/n/gate/g{i}", report(f"g{i}", 2, names))
     assert len(t.class_names) == MAX_CLASSES
+
+
+class CountingDict(dict):  # type: ignore[type-arg]
+    """A dict that counts every walk over it."""
+
+    walks = 0
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        CountingDict.walks += 1
+        return super().__iter__()
+
+    def items(self):  # type: ignore[no-untyped-def]
+        CountingDict.walks += 1
+        return super().items()
+
+    def values(self):  # type: ignore[no-untyped-def]
+        CountingDict.walks += 1
+        return super().values()
+
+    def keys(self):  # type: ignore[no-untyped-def]
+        CountingDict.walks += 1
+        return super().keys()
+
+
+def test_a_report_costs_the_same_with_1000_gates_and_the_table_is_bounded() -> None:
+    """#17: each report is O(1): handling one never walks the table of gates (it once did, via fresh())."""
+    from rackguard.agent.gate_reports import MAX_GATES
+
+    metrics = Metrics()
+    tracker = GateTracker(5.0, metrics=metrics, monotonic=lambda: 10.0)
+    tracker.gates = CountingDict()
+    for i in range(1000):
+        assert tracker.handle(f"x/gate/g{i}", report(f"g{i}", i)) is not None
+    CountingDict.walks = 0
+    for n in range(5000):
+        tracker.handle("x/gate/g7", report("g7", 10 + n))
+    assert CountingDict.walks == 0
+    assert tracker.window_requests == 5000 + 10 - 7 - 1
+    # The table is bounded: one gate past MAX_GATES is rejected and counted, known gates still report.
+    for i in range(1000, MAX_GATES):
+        tracker.handle(f"x/gate/g{i}", report(f"g{i}", 0))
+    before = tracker.rejected_total
+    assert tracker.handle("x/gate/one-more", report("one-more", 0)) is None
+    assert tracker.rejected_total == before + 1 and len(tracker.gates) == MAX_GATES
+    assert tracker.handle("x/gate/g3", report("g3", 99)) is not None
