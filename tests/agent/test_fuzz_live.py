@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import io
 import json
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -224,6 +225,10 @@ def check(agent: LiveAgent, out: io.StringIO) -> None:
     assert agent.agent.control is not None and agent.agent.control.manual_ceiling == CEILING
     assert agent.max_total_seen <= CEILING * GPUS, "bad input raised the cap above the ceiling"
     assert agent.sent >= CASES, f"only {agent.sent} cases generated"
+    print(
+        f"fuzz: {agent.sent} cases, highest cap total {agent.max_total_seen} (ceiling {CEILING * GPUS})",
+        file=sys.stderr,
+    )
     text = out.getvalue()
     assert "Traceback" not in text and "mqtt_handler_failed" not in text, text[-2000:]
 
@@ -243,6 +248,7 @@ def test_10000_generated_gate_reports(live: tuple[LiveAgent, io.StringIO]) -> No
     check(agent, out)
     gates = agent.agent.gates
     assert gates.rejected_total > 1000  # the bad ones were seen and refused, not skipped
+    print(f"gate reports rejected: {gates.rejected_total}", file=sys.stderr)
 
 
 @pytest.mark.slow
@@ -264,6 +270,7 @@ def test_10000_generated_commands(live: tuple[LiveAgent, io.StringIO]) -> None:
         if s.labels.get("result") == "rejected" and s.name.endswith("_total")
     )
     assert rejected >= 9_000  # every unsigned or forged one
+    print(f"commands rejected: {rejected:.0f}", file=sys.stderr)
 
 
 peer = st.sampled_from(["n0", "n2", "n3", "n1", "x", "n0/extra"])
@@ -363,5 +370,9 @@ def test_10000_generated_rack_claims(tmp_path: Path) -> None:
         check(agent, out)
         assert share_max[0] <= RACK.power_budget_w
         assert sum(rack.rejected.values()) > 1000, rack.rejected
+        print(
+            f"claims rejected: {rack.rejected}, wills ignored: {rack.wills_ignored}, share max {share_max[0]} W",
+            file=sys.stderr,
+        )
         for reason in ("malformed", "too_large", "not_member", "absurd"):
             assert rack.rejected[reason] > 0, rack.rejected
