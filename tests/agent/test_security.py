@@ -324,6 +324,15 @@ def test_tls_password_acl(
     assert operator.publish(CMD, b'{"ok": 4}') == 0
     time.sleep(0.5)
     assert not snoop.messages
+    # Rack members: each writes only its own claim and reads every member's claim.
+    snoop.subscribe("rackguard/site1/rackA/+/claim")
+    time.sleep(0.2)
+    assert other.publish("rackguard/site1/rackA/node08/claim", b'{"own": 1}') == 0
+    assert other.publish("rackguard/site1/rackA/node07/claim", b'{"forged": 1}') == NOT_AUTHORIZED
+    deadline = time.monotonic() + 5
+    while not snoop.messages and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [p for _, p in snoop.messages] == [b'{"own": 1}']
     for c in (consumer, listener, other, reader, operator, snoop):
         c.close()
 
