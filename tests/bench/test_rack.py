@@ -8,9 +8,31 @@ rack's tray, which every node hears on its own subscription.
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
-from rackguard.bench.rack import RackOptions, Timeline, arm_metrics, coordination_metrics, run_arm, spec_for
+import paho.mqtt.client as mqtt
+
+from rackguard.agent.mosquitto import Mosquitto, free_port
+from rackguard.bench.rack import (
+    BlackHoleProxy,
+    ClaimRecorder,
+    RackOptions,
+    Timeline,
+    arm_metrics,
+    bridge_conf,
+    coordination_metrics,
+    run_arm,
+    spec_for,
+    wait_bridged,
+)
+from rackguard.sim.rack import RackSpec
+
+SPEC3 = RackSpec(nodes=3)
 
 TIMELINE = Timeline(warm=3, join=6, fail=9, restore=17, kill=19, restart=30, cut=21, cut_end=31, end=36)
 
@@ -32,3 +54,108 @@ async def test_four_agents_share_the_rack_with_no_overcommit(tmp_path: Path) -> 
     leak_caps = {node for t, node, total, reason in run.recorder.caps if t >= t_leak and reason == "leak"}
     assert leak_caps == set(run.nodes), leak_caps
     assert not asyncio.get_running_loop().is_closed()
+
+
+# -- the drills' mechanisms (fast; the drills themselves: `rackguard bench rack --drill clock|late-will`) --
+
+SKEW_PROBE = """
+import sys, time, types
+from rackguard.bench.rack import skew_wall_clock
+m0 = time.monotonic()
+real = skew_wall_clock(-3600.0)
+from rackguard.agent.daemon import Agent  # what the worker imports once the clock is set
+from rackguard.sim.node import from_config, run_beside
+from rackguard.agent.mqtt import aiomqtt_factory
+
+def clocks(obj):
+    if isinstance(obj, types.FunctionType):
+        yield from obj.__defaults__ or ()
+        yield from (obj.__kwdefaults__ or {}).values()
+    elif isinstance(obj, type):
+        for v in vars(obj).values():
+            yield v
+            yield from clocks(v)
+    else:
+        yield obj
+
+held = sorted(
+    f"{name}.{attr}"
+    for name, mod in list(sys.modules.items())
+    if name.startswith("rackguard")
+    for attr, obj in vars(mod).items()
+    if any(c is real for c in clocks(obj))
+)
+print(round(time.time() - real(), 1), round(time.time_ns() / 1e9 - real(), 1), round(time.monotonic() - m0, 1), held)
+"""
+
+
+def test_a_skewed_worker_has_its_wall_clock_off_everywhere_and_monotonic_time_right() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", SKEW_PROBE], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+    wall, wall_ns, mono, held = out.split(maxsplit=3)
+    assert (float(wall), float(wall_ns)) == (-3600.0, -3600.0)
+    assert float(mono) < 60  # monotonic time is untouched
+    assert held.strip() == "[]"  # no rackguard module kept the true clock (a default argument, an alias)
+
+
+def test_the_simulation_truth_keeps_the_true_clock() -> None:
+    from rackguard.agent import config as configmod
+    from rackguard.sim.node import from_config
+    from rackguard.sim.rack import rack_config
+
+    cfg = configmod.validate(rack_config(SPEC3, 0, offered_concurrency=1.0))
+    with tempfile.TemporaryDirectory() as d:
+        _backend, servers = from_config(cfg)
+        servers.truth_path = str(Path(d) / "truth.txt")
+        servers.truth_clock = lambda: 1234.5
+        servers.step(0.25)
+        assert (Path(d) / "truth.txt").read_text().startswith("1234.500 ")
+
+
+async def test_an_old_connections_will_comes_after_the_new_ones_publish_only_through_a_second_broker(
+    tmp_path: Path,
+) -> None:
+    """What the late-will drill relies on, with plain clients: the old connection goes through the
+    black-holing proxy to an edge broker bridged to the rack's; its client is killed while cut
+    (the proxy closes nothing); the same client id then connects to the rack's broker directly and
+    publishes; the edge broker's keepalive ends the old connection and its will comes after."""
+    rack = Mosquitto(free_port(), tmp_path / "rack", nodelay=True)
+    rack.start()
+    edge = Mosquitto(free_port(), tmp_path / "edge", nodelay=True, extra_conf=bridge_conf(rack.port))
+    edge.start()
+    proxy = BlackHoleProxy(edge.port)
+    try:
+        await asyncio.to_thread(wait_bridged, edge.port, rack.port)
+        await proxy.start()
+        rec = ClaimRecorder("127.0.0.1", rack.port, "rackguard/s/r")
+        old = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="node-n1", protocol=mqtt.MQTTv5)
+        will = json.dumps({"state": "offline", "incarnation": 1}).encode()
+        old.will_set("rackguard/s/r/n1/status", will, qos=1, retain=True)
+        old.connect("127.0.0.1", proxy.port, keepalive=2)
+        old.loop_start()
+        old.publish("rackguard/s/r/n1/status", json.dumps({"state": "online", "incarnation": 1}), 1, True)
+        await asyncio.sleep(1.0)
+        proxy.cut = True
+        old.loop_stop()
+        old.socket().close()  # the process dies: its end closes, the proxy passes nothing on
+        await asyncio.sleep(0.3)
+        new = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="node-n1", protocol=mqtt.MQTTv5)
+        new.connect("127.0.0.1", rack.port, keepalive=2)
+        new.loop_start()
+        new.publish("rackguard/s/r/n1/status", json.dumps({"state": "online", "incarnation": 2}), 1, True)
+        t_new = time.time()
+        deadline = time.time() + 10
+        while time.time() < deadline and not any(s[2] == "offline" for s in rec.statuses):
+            await asyncio.sleep(0.1)
+        new.loop_stop()
+        new.disconnect()
+        rec.close()
+        order = [(state, inc) for _t, _n, state, inc in rec.statuses]
+        assert order == [("online", 1), ("online", 2), ("offline", 1)], order
+        t_will = next(t for t, _n, state, _i in rec.statuses if state == "offline")
+        assert t_will - t_new >= 1.0  # the edge broker's keepalive (1.5 × 2 s after the last packet)
+    finally:
+        await proxy.close()
+        edge.stop()
+        rack.stop()
