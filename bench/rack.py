@@ -276,6 +276,7 @@ def bridge_conf(rack_port: int) -> str:
             "topic # both 1",
             "cleansession true",
             "try_private true",
+            "bridge_protocol_version mqttv50",  # message expiry (retained claims) passes the bridge
             "notifications false",
             "restart_timeout 1",
         ]
