@@ -838,8 +838,11 @@ def _seen_by_peers(run: ArmRun, node: str, since: float, until: float = math.inf
 
 
 def clock_drill_metrics(spec: RackSpec, tl: Timeline, run: ArmRun) -> dict[str, Any]:
-    """The skewed nodes: their claims' ``t_s`` against arrival, how their peers saw them, their shares."""
-    since = run.t0 + tl.warm
+    """The skewed nodes: their claims' ``t_s`` against arrival, how their peers saw them, their shares.
+
+    From 5 s after the late node joined (every member up), to the end.
+    """
+    since = run.t0 + tl.join + 5.0
     window = [c for c in run.recorder.claims if c[0] >= since]
 
     def mean_share(nodes: list[str]) -> float | None:
@@ -900,7 +903,11 @@ def late_will_metrics(spec: RackSpec, tl: Timeline, run: ArmRun) -> dict[str, An
     first_new_claim = min((t for t, b in claims if b["inc"] == inc_new), default=None)
     births = [(t, inc) for t, n, st, inc in run.recorder.statuses if n == node and st == "online"]
     new_birth = min((t for t, inc in births if inc == inc_new), default=None)
-    wills = [(t, inc) for t, n, st, inc in run.recorder.statuses if n == node and st == "offline"]
+    wills = [  # (the goodbye at the end is not a will)
+        (t, inc)
+        for t, n, st, inc in run.recorder.statuses
+        if n == node and st == "offline" and t < run.events["end"]
+    ]
     old_will = min((t for t, inc in wills if inc == inc_old), default=None)
     peers = [n for n in run.nodes if n != node]
     final: dict[str, float] = {}
