@@ -870,6 +870,7 @@ def clock_drill_metrics(spec: RackSpec, tl: Timeline, run: ArmRun) -> dict[str, 
     out["unskewed_seen_by_peers"] = {
         "fresh_fraction": _merge_fresh([_seen_by_peers(run, n, since) for n in others])
     }
+    out["mean_share_w_by_node"] = {n: mean_share([n]) for n in run.nodes}
     return out
 
 
