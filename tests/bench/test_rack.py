@@ -219,3 +219,31 @@ async def test_late_will_drill_the_old_will_comes_after_the_restart_and_is_ignor
     assert d["old_will_after_new_claim_s"] > 0, d  # recorded on the rack's broker, in this order
     assert d["peers_that_ignored_it"] == 3 and d["old_claims_after_restart"] == 0, d
     assert d["seen_by_peers_after_old_will"]["fresh_fraction"] == 1.0, d
+
+
+def test_with_one_broker_a_takeover_sends_the_old_will_before_the_new_connection_is_accepted(
+    tmp_path: Path,
+) -> None:
+    """Why the late-will drill needs a second broker: mosquitto ends an old connection of the same
+    client id while it accepts the new one, and sends its will then, before the new one can publish."""
+    broker = Mosquitto(free_port(), tmp_path / "m", nodelay=True)
+    broker.start()
+    try:
+        rec = ClaimRecorder("127.0.0.1", broker.port, "rackguard/s/r")
+        old = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="node-n1", protocol=mqtt.MQTTv5)
+        old.will_set("rackguard/s/r/n1/status", json.dumps({"state": "offline", "incarnation": 1}), 1, True)
+        old.connect("127.0.0.1", broker.port, keepalive=60)
+        old.loop(0.5)  # connected; from now on it sends nothing (half-open, as after a crash behind a cut)
+        new = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="node-n1", protocol=mqtt.MQTTv5)
+        birth = json.dumps({"state": "online", "incarnation": 2})
+        new.on_connect = lambda c, *a: c.publish("rackguard/s/r/n1/status", birth, 1, True)
+        new.connect("127.0.0.1", broker.port, keepalive=60)
+        new.loop_start()
+        deadline = time.time() + 5
+        while time.time() < deadline and len(rec.statuses) < 2:
+            time.sleep(0.05)
+        new.loop_stop()
+        rec.close()
+        assert [(state, inc) for _t, _n, state, inc in rec.statuses] == [("offline", 1), ("online", 2)]
+    finally:
+        broker.stop()
