@@ -244,6 +244,23 @@ class Metrics:
         self.rack_claims_rejected = Counter(
             "rackguard_rack_claims_rejected", "Rejected rack claims", ["reason"], registry=r
         )
+        self.rack_wills_ignored = Counter(
+            "rackguard_rack_wills_ignored",
+            "Peers' wills (status offline) of an incarnation older than their latest claim: already restarted",
+            registry=r,
+        )
+        self.rack_peer_status = Gauge(
+            "rackguard_rack_peer_status",
+            "1 for each peer's status as this node sees it (fresh, stale, dead, absent), else 0",
+            ["peer", "status"],
+            registry=r,
+        )
+        self.rack_peer_claim_age_s = Gauge(
+            "rackguard_rack_peer_claim_age_seconds",
+            "Since each peer's latest claim arrived (by this node's monotonic clock, never the sender's)",
+            ["peer"],
+            registry=r,
+        )
         self._totals: dict[tuple[int, tuple[str, ...]], float] = {}
 
     def gpu(self, index: int) -> tuple[str, str]:

@@ -16,6 +16,9 @@ its share becomes its MPC's power budget and its limit on heat into the coolant.
 * **Bad claims** (malformed, too large, not a member, an old incarnation, an absurd demand) are
   rejected, counted in ``rackguard_rack_claims_rejected_total{reason}``, logged at most once a
   minute per reason, and change nothing: the peer keeps its last valid claim, which ages.
+* **Seen from outside.** ``rackguard_rack_peer_status{peer,status}`` (1 for each peer's current
+  status), ``rackguard_rack_peer_claim_age_seconds{peer}`` (by arrival) and
+  ``rackguard_rack_wills_ignored_total`` (wills of an incarnation older than the latest claim).
 * **Lower at once, raise carefully** (:func:`~rackguard.controllers.rack.next_share`).
 * **Fallback.** Disconnected from the broker, or with stale rack data (the CDU's readings), the
   node falls at once to the smaller of its share and its fallback share (its weight's part of
@@ -62,6 +65,7 @@ from rackguard.physics import heat_w
 LOG_EVERY_S = 60.0
 DEFAULT_CLASS = "default"  # one workload class until the gateway says which request is which
 CAPACITY_HOLD_S = 5.0
+PEER_STATUSES = ("fresh", "stale", "dead", "absent")
 REJECT_REASONS = ("malformed", "too_large", "not_member", "old_incarnation", "absurd", "replayed")
 
 
@@ -223,6 +227,7 @@ class RackCoordinator:
         peer = self.peers[node]
         if inc < peer.inc:
             self.wills_ignored += 1  # a will older than the latest claim: the node already restarted
+            self.metrics.rack_wills_ignored.inc()
             return
         if inc > peer.dead_inc:
             peer.dead_inc, peer.dead_mono = inc, self.clock()
@@ -239,6 +244,14 @@ class RackCoordinator:
         if age <= self.rc.claim_lifetime_s:
             return "fresh"
         return "stale" if age <= self.rc.dead_after_s else "dead"
+
+    def _peer_metrics(self, statuses: dict[str, str], now: float) -> None:
+        for n, st in statuses.items():
+            for s in PEER_STATUSES:
+                self.metrics.rack_peer_status.labels(n, s).set(1 if s == st else 0)
+            recv = self.peers[n].recv_mono
+            if math.isfinite(recv):
+                self.metrics.rack_peer_claim_age_s.labels(n).set(round(now - recv, 3))
 
     def coolant_capacity_w(self, snap: NodeSnapshot) -> tuple[float | None, bool]:
         """(What the CDU carries now, whether that is known); (None, True) when no coolant limit applies."""
@@ -280,6 +293,7 @@ class RackCoordinator:
         now = self.clock()
         rc = self.rc
         statuses = {n: self._status(p, now) for n, p in self.peers.items()}
+        self._peer_metrics(statuses, now)
         fresh = {n: p.claim for n, p in self.peers.items() if statuses[n] == "fresh" and p.claim is not None}
         # Disagreeing configs: everyone uses the most conservative values.
         budget = rc.power_budget_w

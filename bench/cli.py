@@ -104,7 +104,12 @@ def register(sub: Any) -> None:
         "--arm", action="append", choices=("independent", "static", "coordinated"), help="run only these arms"
     )
     r.add_argument("--quick", action="store_true", help="the timeline scaled by 0.4 (CI)")
-    r.add_argument("--drill", choices=("broker",), help="broker: coordinated only, the broker down for 30 s")
+    r.add_argument(
+        "--drill",
+        choices=("broker", "clock", "late-will"),
+        help="coordinated only: broker, the broker down for 30 s; clock, two nodes' clocks ±1 h off through a "
+        "pump failure; late-will, a node's old will arriving after its restart's claims",
+    )
     r.add_argument("--json", action="store_true", help="print one JSON object")
     r.set_defaults(func=cmd_rack)
 

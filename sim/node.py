@@ -286,6 +286,8 @@ class SimServers:
     external_max_age_s: float = 3.0
     flow_fraction: float = 1.0  # in a rack the CDU's flow is the rack's; this node's plates get this part
     truth_path: str | None = None  # append the plant's true power and work here (benchmarks)
+    # The truth's timestamps: the true wall clock, even where a drill sets the node's clock off.
+    truth_clock: Callable[[], float] | None = None
     tick_s: float = (
         0.25  # expiry is re-checked this often (the gate: 0.1 s); a cap or status applies on arrival
     )
@@ -382,7 +384,8 @@ class SimServers:
         """One line per step: wall time, true GPU power, requests and tokens completed (all GPUs)."""
         completed = sum(c.completed for c in self.counters)
         tokens = sum(c.tokens for c in self.counters)
-        line = f"{time.time():.3f} {self.backend.total_power_w():.1f} {completed:.2f} {tokens:.1f}\n"
+        now = (self.truth_clock or time.time)()
+        line = f"{now:.3f} {self.backend.total_power_w():.1f} {completed:.2f} {tokens:.1f}\n"
         with contextlib.suppress(OSError), open(str(self.truth_path), "a") as f:
             f.write(line)
 

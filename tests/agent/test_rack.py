@@ -149,6 +149,7 @@ def test_a_will_older_than_the_latest_claim_is_ignored_and_a_current_one_kills()
     rack.on_claim(f"{BASE}/n1/claim", claim(inc=5), False)
     rack.on_status(f"{BASE}/n1/status", json.dumps({"state": "offline", "incarnation": 4}).encode(), False)
     assert rack._status(rack.peers["n1"], clock.t) == "fresh" and rack.wills_ignored == 1
+    assert rack.metrics.rack_wills_ignored._value.get() == 1
     rack.on_status(f"{BASE}/n1/status", json.dumps({"state": "offline", "incarnation": 5}).encode(), False)
     # No longer counted on; its last share is held while its servers drain, then its fallback.
     assert rack._status(rack.peers["n1"], clock.t) == "stale"
@@ -166,6 +167,11 @@ def test_claims_age_by_arrival_so_a_clock_an_hour_off_changes_nothing() -> None:
     rack.on_claim(f"{BASE}/n1/claim", claim(t_s=time.time() - 3600), False)
     rack.on_claim(f"{BASE}/n2/claim", claim("n2", t_s=time.time() + 3600), False)
     assert all(rack._status(p, clock.t) == "fresh" for p in rack.peers.values())
+    rack.step(snap(), None)  # what the node's /metrics says of its peers
+    status = rack.metrics.rack_peer_status
+    assert [status.labels(n, "fresh")._value.get() for n in ("n1", "n2")] == [1, 1]
+    assert [status.labels(n, "stale")._value.get() for n in ("n1", "n2")] == [0, 0]
+    assert [rack.metrics.rack_peer_claim_age_s.labels(n)._value.get() for n in ("n1", "n2")] == [0, 0]
     clock.t += rack.rc.claim_lifetime_s + 0.1
     assert all(rack._status(p, clock.t) == "stale" for p in rack.peers.values())
     clock.t += rack.rc.dead_after_s
