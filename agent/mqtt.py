@@ -72,6 +72,8 @@ def topic_matches(topic_filter: str, topic: str) -> bool:
     every call: under a storm it was a quarter of the agent's time). Cached: the filters are
     few and fixed, the topics seen are bounded by what the broker lets through.
     """
+    if len(topic) > 256:  # the cache holds short topics only: at most 16,384 × 256 characters
+        return _matches.__wrapped__(topic_filter, topic)
     return _matches(topic_filter, topic)
 
 
