@@ -378,6 +378,7 @@ class MqttLink:
         self.on_connect = on_connect
         self.outbox: Outbox = outbox if outbox is not None else MemoryOutbox()
         self.connected = False
+        self.subscribed = False  # connected and every subscription acknowledged
         self.connects = 0
         self.published_total = 0
         self.published_bytes = 0
@@ -520,6 +521,7 @@ class MqttLink:
                         f for f, _, _ in [*self._handlers, *self._retain_handlers]
                     ):
                         await client.subscribe(topic_filter, qos=1)
+                    self.subscribed = True  # every filter acknowledged: messages published now arrive
                     await self._serve(client, stop)
                     # Graceful shutdown: say goodbye explicitly (the will is only for crashes).
                     await client.publish(
@@ -529,11 +531,11 @@ class MqttLink:
                         retain=True,
                         timeout=min(2.0, self.cfg.publish_timeout_s),
                     )
-                    self.connected = False
+                    self.connected = self.subscribed = False
                     self.log.info("mqtt_offline_published")
                     return
             except (aiomqtt.MqttError, OSError, TimeoutError) as exc:
-                self.connected = False
+                self.connected = self.subscribed = False
                 # Only a connection that lasted resets the backoff: a broker that accepts and
                 # then drops us at once (an ACL refusing our will or status) is not hammered.
                 if connected_at is not None and time.monotonic() - connected_at >= STABLE_CONNECTION_S:

@@ -261,9 +261,8 @@ async def _through_broker(port: int, batch: list[tuple[str, bytes]]) -> None:
     m.attach(link)
     stop = asyncio.Event()
     task = asyncio.create_task(link.run(stop))
-    while not link.connected:
+    while not link.subscribed:  # a message published before the SUBACK would reach no one
         await asyncio.sleep(0.01)
-    await asyncio.sleep(0.1)
     async with aiomqtt.Client("127.0.0.1", port, protocol=aiomqtt.ProtocolVersion.V5) as pub:
         for topic, payload in batch:
             await pub.publish(topic, payload, qos=1)

@@ -126,7 +126,7 @@ class LiveAgent:
         self.loop.run_until_complete(self.task)
 
     async def _until_ready(self) -> None:
-        while not (self.agent.link.connected and self.agent.cap_msg is not None):
+        while not (self.agent.link.subscribed and self.agent.cap_msg is not None):
             await asyncio.sleep(0.01)
         self.ready.set()
 
