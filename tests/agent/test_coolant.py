@@ -114,8 +114,7 @@ async def start_agent(cfg: configmod.Config) -> tuple[Running, asyncio.Task[int]
     )
     task = asyncio.create_task(agent.run())
     r = Running(agent, telemetry, leaks)
-    await r.until(lambda: agent.link.connected)
-    await asyncio.sleep(0.1)  # subscriptions go out right after connect
+    await r.until(lambda: agent.link.subscribed)  # every SUBACK in: a message sent now arrives
     return r, task
 
 

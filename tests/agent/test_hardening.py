@@ -75,10 +75,11 @@ async def running(agent: Agent) -> Any:
     task = asyncio.create_task(agent.run())
     try:
         for _ in range(500):
-            if agent.link.connected and agent.cap_msg is not None and agent.link.priority_connected:
+            # subscribed: every SUBACK in, so what a test publishes from now on arrives
+            if agent.link.subscribed and agent.cap_msg is not None and agent.link.priority_connected:
                 break
             await asyncio.sleep(0.02)
-        assert agent.link.connected and agent.cap_msg is not None
+        assert agent.link.subscribed and agent.cap_msg is not None
         yield agent
     finally:
         agent.request_stop("test done")
