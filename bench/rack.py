@@ -78,50 +78,23 @@ class Timeline:
     outage: float = math.inf  # the broker stopped (drill)
     outage_end: float = math.inf
 
+    @classmethod
+    def only(cls, **events: float) -> Timeline:
+        """A timeline of just these events: every other one never happens."""
+        return cls(**{f: events.get(f, math.inf) for f in cls.__dataclass_fields__})
+
     def scaled(self, k: float) -> Timeline:
         return Timeline(**{f: getattr(self, f) * k for f in self.__dataclass_fields__})
 
 
 # The broker-outage drill: no other event, the broker down for 30 s.
-BROKER_DRILL = Timeline(
-    warm=10,
-    join=15,
-    fail=math.inf,
-    restore=math.inf,
-    kill=math.inf,
-    restart=math.inf,
-    cut=math.inf,
-    cut_end=math.inf,
-    end=75,
-    outage=30,
-    outage_end=60,
-)
+BROKER_DRILL = Timeline.only(warm=10, join=15, end=75, outage=30, outage_end=60)
 
 # The clock drill: two nodes' clocks an hour off, through a pump failure (the shares must move).
-CLOCK_DRILL = Timeline(
-    warm=10,
-    join=15,
-    fail=30,
-    restore=45,
-    kill=math.inf,
-    restart=math.inf,
-    cut=math.inf,
-    cut_end=math.inf,
-    end=60,
-)
+CLOCK_DRILL = Timeline.only(warm=10, join=15, fail=30, restore=45, end=60)
 
 # The late-will drill: node 1's path black-holed, then it is SIGKILLed and restarted at once.
-LATE_WILL_DRILL = Timeline(
-    warm=10,
-    join=15,
-    fail=math.inf,
-    restore=math.inf,
-    cut=25,
-    kill=25.5,
-    restart=26,
-    cut_end=math.inf,
-    end=60,
-)
+LATE_WILL_DRILL = Timeline.only(warm=10, join=15, cut=25, kill=25.5, restart=26, end=60)
 CLOCK_SKEW_S = 3600.0
 DRILLS = ("broker", "clock", "late-will")
 

@@ -107,7 +107,7 @@ cmd_payloads = st.one_of(
 class LiveAgent:
     """An agent running on its own event loop thread, fed through its real MQTT handlers."""
 
-    def __init__(self, tmp_path: Path, raw: dict[str, Any]) -> None:
+    def __init__(self, raw: dict[str, Any]) -> None:
         cfg = configmod.validate(raw)
         self.broker = LocalBroker()
         self.agent = Agent(cfg, client_factory=self.broker.client)
@@ -187,7 +187,7 @@ def member_config(tmp_path: Path) -> dict[str, Any]:
 
 def start(tmp_path: Path, raw: dict[str, Any]) -> LiveAgent:
     (tmp_path / "hmac").write_text(SECRET)
-    agent = LiveAgent(tmp_path, raw)
+    agent = LiveAgent(raw)
     ceiling = signed_payload(
         {"id": "ceiling-1", "t_s": time.time(), "command": "set_manual_ceiling", "ceiling": CEILING},
         SECRET,

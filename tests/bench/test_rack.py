@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import subprocess
 import sys
 import tempfile
@@ -169,20 +168,8 @@ async def test_an_old_connections_will_comes_after_the_new_ones_publish_only_thr
         rack.stop()
 
 
-CLOCK_TIMELINE = Timeline(
-    warm=3,
-    join=5,
-    fail=10,
-    restore=16,
-    kill=math.inf,
-    restart=math.inf,
-    cut=math.inf,
-    cut_end=math.inf,
-    end=20,
-)
-LATE_WILL_TIMELINE = Timeline(
-    warm=3, join=5, fail=math.inf, restore=math.inf, cut=7, kill=7.5, restart=8, end=20
-)
+CLOCK_TIMELINE = Timeline.only(warm=3, join=5, fail=10, restore=16, end=20)
+LATE_WILL_TIMELINE = Timeline.only(warm=3, join=5, cut=7, kill=7.5, restart=8, end=20)
 
 
 def _no_overcommit(m: dict[str, Any]) -> None:
