@@ -150,7 +150,12 @@ def test_maxconn_follows_the_cap_and_safe_cap_after_the_agent_dies(
         assert procs[0].wait(20) == 0
         assert maxconn() == (1, 1)
         # Killed: the follower sees the agent's will and writes safe_cap within 1.5 × keepalive.
+        seen = len(sub.messages)
         procs = [start("run", cfg), start("haproxy-follow", cfg)]
+        # The restarted agent is up (its first cap) before it is sent a command.
+        sub.wait_for(
+            lambda m: m.topic.endswith("/cap") and any(m is x for x in sub.messages[seen:]), timeout=30
+        )
         ceiling(4)
         until(lambda: maxconn() == (4, 4), 20)
         procs[0].kill()
