@@ -385,7 +385,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bare-proxy", nargs=2, type=int, metavar=("PORT", "UPSTREAM"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.bare_proxy:
-        asyncio.run(bare_proxy(*args.bare_proxy))
+        from rackguard.agent.commands.gateway import loop_factory
+
+        with asyncio.Runner(loop_factory=loop_factory()) as runner:
+            runner.run(bare_proxy(*args.bare_proxy))
         return 0
     if args.classes:
         res = {f"fallback={fb}": asyncio.run(classes(args.seconds, fb)) for fb in (False, True)}

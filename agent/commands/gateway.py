@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -41,6 +42,15 @@ async def serve(gateway: Gateway) -> int:
     return 0
 
 
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop where it is installed (about 1.5x the requests per CPU-second), else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
 def main(args: argparse.Namespace) -> int:
     cfg = load_or_exit(args.config)
     if isinstance(cfg, int):
@@ -53,4 +63,5 @@ def main(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:  # the API keys file: unreadable, or a bad line
         print(f"config error: gateway.api_keys_file: {exc}", file=sys.stderr)
         return EX_CONFIG
-    return asyncio.run(serve(gateway))
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+        return runner.run(serve(gateway))

@@ -1,4 +1,4 @@
-"""The gateway: an aiohttp reverse proxy with admission per upstream.
+"""The gateway: a reverse proxy (``http1.py``: asyncio protocols, httptools) with admission per upstream.
 
 Per request: classify (API key, else the class header, else the default class), read
 the body (bounded in size and time), pick the upstream with the most room, wait for a
@@ -10,7 +10,7 @@ safety reason (leak, thermal, stale, lost GPU) every request goes to the fallbac
 
 Streams pass through event by event; the gateway asks for ``stream_options.include_usage``
 when the client did not, and removes that usage chunk from what the client sees. A client
-that disconnects cancels its upstream request (aiohttp cancels the handler) and frees its
+that disconnects cancels its upstream request (its handler is cancelled) and frees its
 slot; a client that reads nothing for ``write_timeout_s`` is dropped.
 
 Limits follow the agent like the gate library (:class:`rackguard.agent.gate.CapRules`):
@@ -29,13 +29,11 @@ import math
 import re
 import socket
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 import aiomqtt
-from aiohttp import web
-from multidict import CIMultiDict
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
@@ -45,6 +43,17 @@ from rackguard.agent.config import Config, GatewayClass, read_secret
 from rackguard.agent.gate import CapRules, http_get, mqtt_client
 from rackguard.agent.gateway.admission import Admission
 from rackguard.agent.gateway.energy import EnergyLedger, Usage
+from rackguard.agent.gateway.http1 import (
+    Handler,
+    Headers,
+    HttpServer,
+    Request,
+    Response,
+    ServerConnection,
+    UpstreamError,
+    UpstreamPool,
+    upstream_call,
+)
 from rackguard.agent.gateway.metrics import GatewayMetrics
 from rackguard.agent.messages import GATE_MAX_ENERGY_J, GateClassCounters, GateReport, Telemetry, dump
 from rackguard.agent.mqtt import Topics
@@ -54,20 +63,27 @@ J_PER_KWH = 3.6e6
 INFERENCE_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 _HOP = frozenset(
     {
-        "host",
-        "content-length",
-        "transfer-encoding",
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "upgrade",
-        "accept-encoding",
+        b"host",
+        b"content-length",
+        b"transfer-encoding",
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"upgrade",
+        b"accept-encoding",
+        b"expect",
     }
 )
-_HOP_OUT = _HOP | {"content-encoding"}
+_HOP_OUT = _HOP | {b"content-encoding"}
+_JSON = [(b"Content-Type", b"application/json")]
+
+
+def _pass(headers: Headers, hop: frozenset[bytes]) -> Headers:
+    """The end-to-end headers: hop-by-hop ones dropped."""
+    return [(k, v) for k, v in headers if k.lower() not in hop]
 
 
 @dataclass(slots=True)
@@ -91,6 +107,7 @@ class Upstream:
     gpus: tuple[int, ...]
     rules: CapRules
     adm: Admission
+    pool: UpstreamPool
     ledger: EnergyLedger = field(default_factory=EnergyLedger)
     counters: dict[str, ClassCounters] = field(default_factory=dict)
     last_energy: tuple[float, float] | None = None  # (t_s, summed energy counter)
@@ -112,9 +129,25 @@ class _Req:
     completion_tokens: int = 0
 
 
-def _error(status: int, message: str, kind: str, headers: dict[str, str] | None = None) -> web.Response:
+@dataclass(slots=True)
+class _Call:
+    """One request on its way through: what _forward and _stream need."""
+
+    request: Request
+    conn: ServerConnection
+    body: bytes
+    rec: _Req
+    strip_usage: bool
+
+
+def _error(status: int, message: str, kind: str, headers: Headers | None = None) -> Response:
     body = json.dumps({"error": {"message": message, "type": kind, "code": status}}).encode()
-    return web.Response(status=status, body=body, content_type="application/json", headers=headers)
+    return Response(status, body, [*_JSON, *(headers or [])])
+
+
+def _protocol_error(status: int, message: str) -> Response:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return _error(status, message, kind)
 
 
 def _usage_int(usage: dict[str, Any], key: str) -> int:
@@ -150,11 +183,18 @@ class Gateway:
                 tuple(u.gpus),
                 CapRules(per_gpu_safe * len(u.gpus), u.gpus),
                 Admission(self.classes, per_gpu_safe * len(u.gpus)),
+                UpstreamPool(u.url, connect_timeout_s=g.connect_timeout_s),
                 counters={c.name: ClassCounters() for c in self.classes},
             )
             for u in g.upstreams
         ]
         self.fallback_url = g.fallback.url.rstrip("/") if g.fallback else None
+        self.fallback = (
+            UpstreamPool(self.fallback_url, connect_timeout_s=g.connect_timeout_s)
+            if self.fallback_url
+            else None
+        )
+        self.class_header = g.class_header.lower().encode()
         self.topics = Topics.for_node(cfg.node, cfg.mqtt.topic_prefix)
         host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:30]
         self.gateway_id = g.gateway_id or f"gw-{host}"
@@ -168,12 +208,10 @@ class Gateway:
         self.rejected_total = 0  # bad MQTT payloads (telemetry, carbon)
         self._client: aiomqtt.Client | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._session: aiohttp.ClientSession | None = None
-        self._runner: web.AppRunner | None = None
         self.port = 0
         self.log = logmod.get("gateway")
         self._rl = logmod.RateLimitedLog(self.log, 60.0)
-        self.app = self._build_app()
+        self.http = self._build_server()
 
     def _children(self, name: str) -> dict[str, Any]:
         m = self.metrics
@@ -192,32 +230,23 @@ class Gateway:
         }
 
     # -- HTTP --------------------------------------------------------------------------
-    def _build_app(self) -> web.Application:
-        app = web.Application(client_max_size=self.g.max_body_bytes)
-        for path in INFERENCE_PATHS:
-            app.router.add_post(path, self._inference)
-        app.router.add_get("/v1/models", self._models)
-        app.router.add_get("/metrics", self._metrics)
-        app.router.add_get("/healthz", self._healthz)
-        return app
+    def _build_server(self) -> HttpServer:
+        routes: dict[tuple[str, str], Handler] = {("POST", p): self._inference for p in INFERENCE_PATHS}
+        routes |= {("GET", "/v1/models"): self._models, ("GET", "/metrics"): self._metrics}
+        routes[("GET", "/healthz")] = self._healthz
+        return HttpServer(
+            routes,
+            error=_protocol_error,
+            on_bad=lambda status: self.metrics.bad_requests.inc(),
+            on_error=lambda exc: self.log.error("gateway_handler_failed", error=repr(exc)[:300]),
+            max_body_bytes=self.g.max_body_bytes,
+            body_timeout_s=self.g.body_timeout_s,
+        )
 
     async def start(self) -> int:
         """Connect to the broker, start serving; returns the bound port."""
-        g = self.g
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
-            timeout=aiohttp.ClientTimeout(total=g.upstream_timeout_s, sock_connect=g.connect_timeout_s),
-            auto_decompress=False,
-            cookie_jar=aiohttp.DummyCookieJar(),  # a proxy keeps no cookies
-        )
-        self._runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
-        await self._runner.setup()
-        host, port = parse_listen(g.listen)
-        site = web.TCPSite(self._runner, host, port, backlog=1024)
-        await site.start()
-        server = site._server
-        assert isinstance(server, asyncio.Server)
-        self.port = server.sockets[0].getsockname()[1]
+        host, port = parse_listen(self.g.listen)
+        self.port = await self.http.start(host, port)
         self._tasks = [
             asyncio.create_task(self._mqtt_loop(), name="gateway-mqtt"),
             asyncio.create_task(self._tick_loop(), name="gateway-tick"),
@@ -235,20 +264,22 @@ class Gateway:
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
-        if self._runner is not None:
-            await self._runner.cleanup()
-        if self._session is not None:
-            await self._session.close()
+        await self.http.close()
+        for u in self.upstreams:
+            u.pool.close()
+        if self.fallback is not None:
+            self.fallback.close()
 
-    def _classify(self, request: web.Request) -> int | web.Response:
-        auth = request.headers.get("Authorization", "")
-        if self.api_keys and auth.startswith("Bearer "):
-            name = self.api_keys.get(auth[7:].strip())
+    def _classify(self, request: Request) -> int | Response:
+        auth = request.header(b"authorization") or b""
+        if self.api_keys and auth.startswith(b"Bearer "):
+            name = self.api_keys.get(auth[7:].strip().decode("latin-1"))
             if name is not None:
                 return self.class_index[name]
-        name = request.headers.get(self.g.class_header)
-        if name is None:
+        raw = request.header(self.class_header)
+        if raw is None:
             return self.default_class
+        name = raw.decode("latin-1")
         ci = self.class_index.get(name.strip())
         if ci is None:
             return _error(
@@ -264,24 +295,14 @@ class Gateway:
                 best, room = u, r
         return best
 
-    async def _inference(self, request: web.Request) -> web.StreamResponse:
+    async def _inference(self, request: Request, conn: ServerConnection) -> Response | None:
+        """One inference request; its head and body arrived whole, in time and within the size limit."""
         arrive = time.monotonic()
         ci = self._classify(request)
-        if isinstance(ci, web.Response):
+        if isinstance(ci, Response):
             self.metrics.bad_requests.inc()
             return ci
-        try:
-            if request.content.is_eof():
-                body = await request.read()  # all here already (the common case): nothing to time
-            else:
-                async with asyncio.timeout(self.g.body_timeout_s):
-                    body = await request.read()
-        except TimeoutError:
-            self.metrics.bad_requests.inc()
-            return _error(408, "request body not received in time", "invalid_request_error")
-        except web.HTTPRequestEntityTooLarge:
-            self.metrics.bad_requests.inc()
-            return _error(413, f"request body over {self.g.max_body_bytes} bytes", "invalid_request_error")
+        body = request.body
         try:
             obj = json.loads(body)
         except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
@@ -302,26 +323,25 @@ class Gateway:
         cls = self.classes[ci]
         rec = _Req(cls, ci, arrive, model if isinstance(model, str) else None, stream)
 
+        call = _Call(request, conn, body, rec, strip_usage)
         up = self._pick()
         if up is None:
-            return await self._overflow(request, body, rec, strip_usage, None, "no upstream configured")
-        if self.fallback_url and (reason := up.rules.safety_reason()) is not None:
-            return await self._spill(request, body, rec, strip_usage, up, reason)
+            return await self._overflow(call, None, "no upstream configured")
+        if self.fallback is not None and (reason := up.rules.safety_reason()) is not None:
+            return await self._spill(call, up, reason)
         if not up.adm.try_admit(ci):
             queued = sum(u.adm.waiting for u in self.upstreams)
             if queued >= self.g.max_queue:
-                return await self._overflow(request, body, rec, strip_usage, up, "queue full")
+                return await self._overflow(call, up, "queue full")
             if (expected_s := up.adm.expected_wait_s(ci)) > cls.max_queue_s:
-                return await self._overflow(
-                    request, body, rec, strip_usage, up, "queue wait too long", expected_s
-                )
+                return await self._overflow(call, up, "queue wait too long", expected_s)
             if not await up.adm.acquire(ci, cls.max_queue_s):
-                return await self._overflow(request, body, rec, strip_usage, up, "queue wait too long")
+                return await self._overflow(call, up, "queue wait too long")
         rec.queue_wait_s = time.monotonic() - arrive
         rid = up.ledger.start(time.time())
         ok = False
         try:
-            resp, ok = await self._forward(request, up.url, body, rec, strip_usage)
+            resp, ok = await self._forward(call, up.pool)
             return resp
         finally:
             if ok:
@@ -336,17 +356,11 @@ class Gateway:
             self._observe(rec, "ok" if ok else "error", up)
 
     async def _overflow(
-        self,
-        request: web.Request,
-        body: bytes,
-        rec: _Req,
-        strip_usage: bool,
-        up: Upstream | None,
-        why: str,
-        expected_s: float | None = None,
-    ) -> web.StreamResponse:
-        if self.fallback_url:
-            return await self._spill(request, body, rec, strip_usage, up, why)
+        self, call: _Call, up: Upstream | None, why: str, expected_s: float | None = None
+    ) -> Response | None:
+        rec = call.rec
+        if self.fallback is not None:
+            return await self._spill(call, up, why)
         self._observe(rec, "shed", up)
         wait_s = expected_s if expected_s is not None and math.isfinite(expected_s) else rec.cls.max_queue_s
         retry_s = max(1, min(math.ceil(wait_s), 3600))
@@ -354,40 +368,44 @@ class Gateway:
             429,
             f"over capacity ({why}) for class {rec.cls.name}",
             "rate_limit_exceeded",
-            headers={"Retry-After": str(retry_s)},
+            headers=[(b"Retry-After", str(retry_s).encode())],
         )
 
-    async def _spill(
-        self, request: web.Request, body: bytes, rec: _Req, strip_usage: bool, up: Upstream | None, why: str
-    ) -> web.StreamResponse:
-        assert self.fallback_url is not None
+    async def _spill(self, call: _Call, up: Upstream | None, why: str) -> Response | None:
+        assert self.fallback is not None
+        rec = call.rec
         rec.queue_wait_s = time.monotonic() - rec.arrive_mono
         self._cls_metrics[rec.cls.name]["fallback"].inc()
         ok = False
         try:
-            resp, ok = await self._forward(request, self.fallback_url, body, rec, strip_usage)
+            resp, ok = await self._forward(call, self.fallback)
             return resp
         finally:
             self._observe(rec, "spilled" if ok else "error", up)
 
-    async def _forward(
-        self, request: web.Request, base: str, body: bytes, rec: _Req, strip_usage: bool
-    ) -> tuple[web.StreamResponse, bool]:
-        """Proxy to ``base``; returns the response and whether it was a success."""
-        assert self._session is not None
-        headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in _HOP)
+    async def _forward(self, call: _Call, pool: UpstreamPool) -> tuple[Response | None, bool]:
+        """Proxy to ``pool``; returns the response (None: streamed) and whether it was a success."""
+        rec, request = call.rec, call.request
+        headers = _pass(request.headers, _HOP)
         try:
-            async with self._session.post(base + request.path_qs, data=body, headers=headers) as up:
-                out_headers = CIMultiDict((k, v) for k, v in up.headers.items() if k.lower() not in _HOP_OUT)
+            async with (
+                asyncio.timeout(self.g.upstream_timeout_s),
+                upstream_call(pool, b"POST", request.target, headers, call.body) as up,
+            ):
+                out_headers = _pass(up.headers, _HOP_OUT)
                 if rec.stream and up.status == 200 and up.content_type == "text/event-stream":
-                    return await self._stream(request, up, out_headers, rec, strip_usage)
+                    return None, await self._stream(call, up.chunks(), out_headers)
                 data = await up.read()
-        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+        except UpstreamError as exc:
             self._rl.warning(
-                "gateway_upstream_failed", type(exc).__name__, upstream=base, error=str(exc)[:200]
+                "gateway_upstream_failed", type(exc).__name__, upstream=pool.host, error=str(exc)[:200]
             )
-            return _error(502, f"upstream unavailable: {type(exc).__name__}", "upstream_error"), False
+            if call.conn.streaming:
+                return None, False  # the upstream broke mid-stream: the client's stream is cut
+            return _error(502, f"upstream unavailable: {str(exc)[:200]}", "upstream_error"), False
         except TimeoutError:
+            if call.conn.streaming:
+                return None, False
             return _error(504, "upstream timed out", "upstream_error"), False
         ok = up.status == 200
         if ok:
@@ -397,24 +415,16 @@ class Gateway:
                 if isinstance(usage, dict):
                     rec.prompt_tokens = _usage_int(usage, "prompt_tokens")
                     rec.completion_tokens = _usage_int(usage, "completion_tokens")
-        return web.Response(status=up.status, body=data, headers=out_headers), ok
+        return Response(up.status, data, out_headers), ok
 
-    async def _stream(
-        self,
-        request: web.Request,
-        up: aiohttp.ClientResponse,
-        headers: CIMultiDict[str],
-        rec: _Req,
-        strip_usage: bool,
-    ) -> tuple[web.StreamResponse, bool]:
-        resp = web.StreamResponse(status=200, headers=headers)
-        await resp.prepare(request)
-        transport = request.transport
-        high_water = transport.get_write_buffer_limits()[1] if transport is not None else 0
+    async def _stream(self, call: _Call, chunks: AsyncIterator[bytes], headers: Headers) -> bool:
+        """Pass an SSE stream through event by event; whether it ended well."""
+        conn, rec, strip_usage = call.conn, call.rec, call.strip_usage
         write_timeout_s = self.g.write_timeout_s
         buf = b""
         try:
-            async for chunk in up.content.iter_any():
+            conn.start(200, headers)
+            async for chunk in chunks:
                 buf = buf + chunk if buf else chunk
                 if b"\r\n" in buf:
                     buf = buf.replace(b"\r\n", b"\n")
@@ -424,17 +434,18 @@ class Gateway:
                 out = b"".join(e for e in (self._event(ev + b"\n\n", rec, strip_usage) for ev in events) if e)
                 if not out:
                     continue
-                if transport is not None and transport.get_write_buffer_size() + len(out) + 64 < high_water:
-                    await resp.write(out)  # cannot wait: the transport stays below its pause mark
-                else:
+                conn.write(out)
+                if conn.paused:
                     async with asyncio.timeout(write_timeout_s):
-                        await resp.write(out)  # a client that reads nothing is dropped
+                        await conn.drain()  # a client that reads nothing is dropped
             if buf:
-                await resp.write(buf)
-            await resp.write_eof()
-        except (ConnectionError, TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError):
-            return resp, False  # the client left, stalled, or the upstream broke mid-stream
-        return resp, True
+                conn.write(buf)
+            conn.end()
+        except ConnectionError:
+            return False  # the client left
+        except TimeoutError:
+            return False  # the client stalled (drain's time-out): the connection is cut
+        return True
 
     def _event(self, ev: bytes, rec: _Req, strip_usage: bool) -> bytes | None:
         """Look at one SSE event (first token, usage); None drops it (the usage chunk we asked for)."""
@@ -527,25 +538,25 @@ class Gateway:
         c = up.counters[cls]
         c.energy_j_total = min(c.energy_j_total + u.energy_j, GATE_MAX_ENERGY_J)
 
-    async def _models(self, request: web.Request) -> web.StreamResponse:
-        base = self.upstreams[0].url if self.upstreams else self.fallback_url
-        if base is None:
+    async def _models(self, request: Request, conn: ServerConnection) -> Response:
+        pool = self.upstreams[0].pool if self.upstreams else self.fallback
+        if pool is None:
             return _error(503, "no upstream configured", "upstream_error")
-        assert self._session is not None
-        headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in _HOP)
         try:
-            async with self._session.get(base + request.path_qs, headers=headers) as up:
+            async with (
+                asyncio.timeout(self.g.upstream_timeout_s),
+                upstream_call(pool, b"GET", request.target, _pass(request.headers, _HOP), b"") as up,
+            ):
                 data = await up.read()
-                out = CIMultiDict((k, v) for k, v in up.headers.items() if k.lower() not in _HOP_OUT)
-                return web.Response(status=up.status, body=data, headers=out)
-        except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+                return Response(up.status, data, _pass(up.headers, _HOP_OUT))
+        except (UpstreamError, TimeoutError) as exc:
             return _error(502, f"upstream unavailable: {type(exc).__name__}", "upstream_error")
 
-    async def _metrics(self, request: web.Request) -> web.Response:
+    async def _metrics(self, request: Request, conn: ServerConnection) -> Response:
         body = generate_latest(self.metrics.registry)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return Response(200, body, [(b"Content-Type", CONTENT_TYPE_LATEST.encode())])
 
-    async def _healthz(self, request: web.Request) -> web.Response:
+    async def _healthz(self, request: Request, conn: ServerConnection) -> Response:
         ups = {
             u.name: {
                 "limit": u.adm.limit,
@@ -561,7 +572,7 @@ class Gateway:
             "mqtt_connected": self.mqtt_connected,
             "upstreams": ups,
         }
-        return web.json_response(body, status=200 if body["ok"] else 503)
+        return Response(200 if body["ok"] else 503, json.dumps(body).encode(), list(_JSON))
 
     # -- following the agent -----------------------------------------------------------
     def handle_cap(self, payload: bytes, source: str, expiry_s: float | None = None) -> None:

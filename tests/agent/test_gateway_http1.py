@@ -1,0 +1,226 @@
+"""The gateway's own HTTP/1.1 layer (agent/gateway/http1.py): what a proxy meets on the wire.
+
+The server side is driven over raw sockets (pipelining, HTTP/1.0, ``Expect: 100-continue``,
+malformed and oversized heads); the client side against raw upstreams that close idle
+connections, answer close-delimited, or break off. The last test runs ``rackguard gateway`` itself
+(uvloop's event loop) with the official ``openai`` client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import openai
+
+from rackguard.agent.mosquitto import free_port
+from rackguard.bench.fake_openai import FakeUpstream
+from tests.agent.test_gateway import MSG, fakes, gw_config, running
+from tests.conftest import REPO
+
+BODY = json.dumps({"model": "m", "messages": MSG}).encode()
+
+
+def post(body: bytes = BODY, *, version: bytes = b"1.1", extra: bytes = b"") -> bytes:
+    return (
+        b"POST /v1/chat/completions HTTP/" + version + b"\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n" + extra + b"\r\n" + body
+    )
+
+
+async def read_response(r: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    head = (await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 5)).decode("latin-1")
+    lines = head.split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
+    if "content-length" in headers:
+        return status, headers, await r.readexactly(int(headers["content-length"]))
+    if headers.get("transfer-encoding") == "chunked":
+        out = b""
+        while size := int((await r.readuntil(b"\r\n"))[:-2], 16):
+            out += (await r.readexactly(size + 2))[:-2]
+        await r.readexactly(2)
+        return status, headers, out
+    return status, headers, await asyncio.wait_for(r.read(), 5)  # close-delimited
+
+
+async def test_pipelined_requests_are_answered_in_order_on_one_connection() -> None:
+    up = FakeUpstream("a", delay_s=0.05)
+    async with fakes(up), running(gw_config([up])) as gw:
+        r, w = await asyncio.open_connection("127.0.0.1", gw.port)
+        tagged = [json.dumps({"model": f"m{i}", "messages": MSG}).encode() for i in range(3)]
+        w.write(b"".join(post(b) for b in tagged))  # three requests in one segment
+        models = []
+        for _ in tagged:
+            status, _, body = await read_response(r)
+            assert status == 200
+            models.append(json.loads(body)["model"])
+        assert models == ["m0", "m1", "m2"]  # answered in the order asked
+        assert up.max_in_flight == 1  # one at a time per connection
+        w.close()
+
+
+async def test_http10_client_gets_its_stream_close_delimited_and_expect_100_continue() -> None:
+    up = FakeUpstream("a", tokens=3, token_interval_s=0.01)
+    async with fakes(up), running(gw_config([up])) as gw:
+        r, w = await asyncio.open_connection("127.0.0.1", gw.port)
+        w.write(post(json.dumps({"model": "m", "messages": MSG, "stream": True}).encode(), version=b"1.0"))
+        status, headers, body = await read_response(r)
+        assert status == 200 and "transfer-encoding" not in headers and headers["connection"] == "close"
+        assert body.count(b"data: ") == 4 and body.endswith(b"data: [DONE]\n\n")  # 3 tokens + [DONE]
+        w.close()
+        # curl sends a body over 1 KiB only after "100 Continue".
+        big = json.dumps({"model": "m", "messages": MSG, "pad": "x" * 2000}).encode()
+        r, w = await asyncio.open_connection("127.0.0.1", gw.port)
+        w.write(post(big, extra=b"Expect: 100-continue\r\n").split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n")
+        assert await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 5) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        w.write(big)
+        status, _, _ = await read_response(r)
+        assert status == 200 and "expect" not in {k.lower() for k in up.last_headers}
+        w.close()
+
+
+async def test_malformed_and_oversized_heads_are_refused_and_counted() -> None:
+    up = FakeUpstream("a")
+    async with fakes(up), running(gw_config([up])) as gw:
+        cases = [
+            (b"GARBAGE\r\n\r\n", 400),
+            (b"POST /v1/chat/completions HTTP/1.1\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n", 431),
+            (b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n", 404),
+            (b"GET /v1/chat/completions HTTP/1.1\r\nHost: x\r\n\r\n", 405),
+        ]
+        for raw, want in cases:
+            r, w = await asyncio.open_connection("127.0.0.1", gw.port)
+            w.write(raw)
+            status, _, body = await read_response(r)
+            assert status == want, (raw[:30], status)
+            assert json.loads(body)["error"]["message"]
+            w.close()
+        assert gw.metrics.bad_requests._value.get() == 2  # 400 and 431; 404/405 are not requests for us
+        assert up.requests == 0
+
+
+async def raw_upstream(
+    answer: bytes, *, close_reused: bool = False, hang_up: bool = False
+) -> tuple[asyncio.Server, list[int]]:
+    """An upstream that answers every request with ``answer``. ``close_reused``: a connection's second
+    request is met by a close without an answer (a server's idle keep-alive time-out racing it).
+    ``hang_up``: close after the first answer."""
+    counts = [0, 0]  # requests answered, connections opened
+
+    async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        counts[1] += 1
+        n = 0
+        try:
+            while True:
+                head = await r.readuntil(b"\r\n\r\n")
+                length = next(
+                    int(ln.split(b":")[1])
+                    for ln in head.split(b"\r\n")
+                    if ln.lower().startswith(b"content-length")
+                )
+                await r.readexactly(length)
+                n += 1
+                if close_reused and n > 1:
+                    break
+                counts[0] += 1
+                w.write(answer)
+                await w.drain()
+                if hang_up or (b"Content-Length" not in answer and b"chunked" not in answer):
+                    break  # close-delimited body, or breaking off
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        w.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    return server, counts
+
+
+OK = json.dumps({"id": "x", "choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 2}}).encode()
+
+
+async def test_upstream_closing_a_reused_connection_is_retried_once_on_a_fresh_one() -> None:
+    server, counts = await raw_upstream(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(OK), OK),
+        close_reused=True,
+    )
+    port = server.sockets[0].getsockname()[1]
+    up = FakeUpstream("a")
+    up.port = port
+    async with running(gw_config([up])) as gw:
+        c = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{gw.port}/v1", api_key="k", max_retries=0)
+        for _ in range(4):
+            r = await c.chat.completions.create(model="m", messages=MSG)
+            assert r.usage is not None and r.usage.completion_tokens == 2
+        await c.close()
+    server.close()
+    assert counts == [4, 4]  # each reuse was refused and retried on a new connection: 0 client errors
+
+
+async def test_close_delimited_upstream_body_and_an_upstream_that_breaks_off() -> None:
+    server, _ = await raw_upstream(b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n" + OK)
+    broken, _ = await raw_upstream(b'HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{"half', hang_up=True)
+    ups = []
+    for s in (server, broken):
+        u = FakeUpstream("a")
+        u.port = s.sockets[0].getsockname()[1]
+        ups.append(u)
+    async with running(gw_config(ups[:1])) as gw:
+        r, w = await asyncio.open_connection("127.0.0.1", gw.port)
+        w.write(post())
+        status, _, body = await read_response(r)
+        assert status == 200 and body == OK
+        w.close()
+    async with running(gw_config(ups[1:])) as gw:
+        r, w = await asyncio.open_connection("127.0.0.1", gw.port)
+        w.write(post())
+        status, _, body = await read_response(r)
+        assert status == 502 and gw.upstreams[0].adm.in_flight == 0
+        w.close()
+    server.close()
+    broken.close()
+
+
+async def test_rackguard_gateway_command_serves_the_openai_client(tmp_path: Path) -> None:
+    """The command as deployed (uvloop): stream and not, then a clean SIGTERM."""
+    up = FakeUpstream("a", tokens=4, token_interval_s=0.005)
+    port = free_port()
+    cfg = tmp_path / "gw.toml"
+    async with fakes(up):
+        cfg.write_text(
+            f'[mqtt]\nport = {free_port()}\n[http]\nport = 0\n[gateway]\nlisten = "127.0.0.1:{port}"\n'
+            f'safe_cap = 4\n[[gateway.upstreams]]\nname = "a"\nurl = "{up.url}"\ngpus = [0]\n'
+        )
+        p = subprocess.Popen(
+            [sys.executable, "-m", "rackguard.agent.cli", "gateway", "--config", str(cfg)],
+            cwd=REPO,
+            stderr=subprocess.PIPE,
+            env=dict(os.environ, PYTHONPATH=str(REPO)),
+        )
+        try:
+            c = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0)
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    r = await c.chat.completions.create(model="m", messages=MSG)
+                    break
+                except openai.APIConnectionError:
+                    assert time.monotonic() < deadline and p.poll() is None
+                    await asyncio.sleep(0.1)
+            assert r.choices[0].message.content == "xxxx"
+            chunks = [
+                ch async for ch in await c.chat.completions.create(model="m", messages=MSG, stream=True)
+            ]
+            assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == "xxxx"
+            await c.close()
+        finally:
+            p.send_signal(signal.SIGTERM)
+            _, err = p.communicate(timeout=20)
+        assert p.returncode == 0, err.decode()[-2000:]
+        assert b"Traceback" not in err, err.decode()[-2000:]
