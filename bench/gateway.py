@@ -8,7 +8,8 @@ no broker: its limit is a large ``safe_cap``; one process per phase, each pinned
 HAProxy 2.x (one thread), and this load generator (raw asyncio HTTP/1.1 keep-alive clients).
 Each round measures the three paths one after the other, so they share the machine's noise.
 
-* **Streams:** ``--streams`` concurrent SSE streams (8 tokens 50 ms apart) for ``--seconds``;
+* **Streams:** ``--streams`` concurrent SSE streams (8 tokens 50 ms apart; connections start spread
+  over one stream's duration, or all at once with ``--lockstep``) for ``--seconds``;
   time to first token and total latency per stream, p50/p99 per path. Added latency =
   path − direct, per round; the median over rounds is reported.
 * A bare aiohttp proxy (``aiohttp``: server + client, nothing else) is measured too: the
@@ -25,6 +26,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import shutil
 import statistics
 import subprocess
@@ -39,6 +41,7 @@ import psutil
 from rackguard.agent.mosquitto import free_port
 
 BODY = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}).encode()
+STREAM_S = 0.4  # the fake upstream's stream: 8 tokens 50 ms apart
 STREAM_BODY = json.dumps(
     {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
 ).encode()
@@ -87,16 +90,26 @@ async def throughput(port: int, conns: int, seconds: float) -> tuple[int, int]:
     return counts[0], counts[1]
 
 
-async def streams(port: int, n: int, seconds: float) -> tuple[list[float], list[float], int]:
-    """Times to first token and total latencies (s) of streams, ``n`` at once, and failures."""
+async def streams(
+    port: int, n: int, seconds: float, lockstep: bool = False
+) -> tuple[list[float], list[float], int]:
+    """Times to first token and total latencies (s) of streams, ``n`` at once, and failures.
+
+    Each connection starts at a random moment within one stream's duration (``STREAM_S``, seeded), so
+    requests arrive spread out as they do from many users; ``lockstep`` starts all ``n`` together, and
+    they then stay in step: a burst of ``n`` requests every ``STREAM_S``.
+    """
     req = request(STREAM_BODY)
     ttft: list[float] = []
     total: list[float] = []
     failed = [0]
     stop = time.monotonic() + seconds
+    rng = random.Random(n)
 
     async def conn() -> None:
         r, w = await asyncio.open_connection("127.0.0.1", port)
+        if not lockstep:
+            await asyncio.sleep(rng.uniform(0, STREAM_S))
         while time.monotonic() < stop:
             t0 = time.perf_counter()
             first: list[float] = []
@@ -268,7 +281,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             for _ in range(args.rounds):
                 rnd: dict[str, Any] = {}
                 for name, (sport, fport) in paths.items():
-                    ttft, total, failed = await streams(sport, args.streams, args.seconds)
+                    ttft, total, failed = await streams(sport, args.streams, args.seconds, args.lockstep)
                     proc = bare if name == "aiohttp" else gw
                     c0 = sum(proc.cpu_times()[:2])
                     t0 = time.monotonic()
@@ -380,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--streams", type=int, default=200, help="concurrent SSE streams (default 200)")
     p.add_argument("--conns", type=int, default=64, help="connections for the throughput phase")
     p.add_argument("--seconds", type=float, default=6.0, help="per path, per phase, per round")
+    p.add_argument("--lockstep", action="store_true", help="start all streams at once (bursts)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--classes", action="store_true", help="only the two-class overload (in-process)")
     p.add_argument("--bare-proxy", nargs=2, type=int, metavar=("PORT", "UPSTREAM"), help=argparse.SUPPRESS)
@@ -394,7 +408,10 @@ def main(argv: list[str] | None = None) -> int:
         res = {f"fallback={fb}": asyncio.run(classes(args.seconds, fb)) for fb in (False, True)}
         print(json.dumps(res, indent=1))
         return 0
-    out = asyncio.run(run(args))
+    from rackguard.agent.commands.gateway import loop_factory
+
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:  # uvloop: the load costs less CPU
+        out = runner.run(run(args))
     if args.json:
         print(json.dumps(out, indent=1))
         return 0

@@ -24,6 +24,7 @@ import asyncio
 import collections
 import contextlib
 import http
+import math
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -33,6 +34,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
+SWEEP_S = 0.1
 KEEPALIVE_S = 75.0  # an idle client connection is closed after this
 POOL_IDLE_S = 4.0  # a pooled upstream connection idle this long is not reused
 POOL_MAX_IDLE = 256
@@ -124,6 +126,7 @@ class HttpServer:
         self.max_body_bytes, self.body_timeout_s = max_body_bytes, body_timeout_s
         self.connections: set[ServerConnection] = set()
         self._server: asyncio.AbstractServer | None = None
+        self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self, host: str, port: int, backlog: int = 1024) -> int:
         loop = asyncio.get_running_loop()
@@ -132,9 +135,21 @@ class HttpServer:
         )
         sockets = getattr(self._server, "sockets", None)  # asyncio's or uvloop's Server
         assert sockets
+        self._sweeper = loop.create_task(self._sweep(), name="http-deadlines")
         return int(sockets[0].getsockname()[1])
 
+    async def _sweep(self) -> None:
+        """Every ``SWEEP_S``: connections past their deadline (a request's time, keep-alive idle)."""
+        while True:
+            await asyncio.sleep(SWEEP_S)
+            now = time.monotonic()
+            for c in [c for c in self.connections if c.deadline <= now]:
+                c.deadline = math.inf
+                c.on_deadline()
+
     async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         if self._server is not None:
             self._server.close()
         for c in list(self.connections):
@@ -159,7 +174,8 @@ class ServerConnection(asyncio.Protocol):
         self._ready: collections.deque[Request] = collections.deque()
         self._task: asyncio.Task[None] | None = None
         self._pending = bytearray()  # bytes read while a request is being answered
-        self._timer: asyncio.TimerHandle | None = None
+        self.deadline = math.inf  # monotonic s; the server's sweep calls on_deadline past it
+        self.on_deadline: Callable[[], None] = self._idle_timeout
         self._closed = False
         self._paused_writing = False
         self._drain: asyncio.Future[None] | None = None
@@ -331,23 +347,18 @@ class ServerConnection(asyncio.Protocol):
         self.close()
 
     def _body_timeout(self) -> None:
-        self._timer = None
         self._refuse(408, "request not received in time")
 
     def _idle_timeout(self) -> None:
-        self._timer = None
         if self._task is None:
             self.close()
 
     def _arm(self, delay_s: float, cb: Callable[[], None]) -> None:
-        self._disarm()
-        if not self._closed:
-            self._timer = asyncio.get_running_loop().call_later(delay_s, cb)
+        """A deadline (checked by the server's sweep: no timer per request)."""
+        self.deadline, self.on_deadline = time.monotonic() + delay_s, cb
 
     def _disarm(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self.deadline = math.inf
 
     # -- answering -----------------------------------------------------------------------
     def _send(self, resp: Response, keep: bool) -> None:
