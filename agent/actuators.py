@@ -25,6 +25,7 @@ from rackguard.agent.mqtt import MqttLink, Topics
 from rackguard.agent.power_limits import PowerLimitActuator, PowerLimitError
 from rackguard.agent.seqstore import SeqStore
 from rackguard.controllers.api import Binding, Decision, Reason
+from rackguard.sensors.base import Capability, GpuBackend, GpuInfo
 
 CAP_REASONS: tuple[str, ...] = get_args(Reason)
 BINDINGS: tuple[str, ...] = get_args(Binding)
@@ -182,6 +183,33 @@ class PowerLimitSink:
     """
 
     RETRY_S = 10.0
+
+    @classmethod
+    def create(
+        cls, cfg: Config, backend: GpuBackend, infos: list[GpuInfo], metrics: Metrics, log: Any
+    ) -> PowerLimitSink | None:
+        """The sink, if ``[power_limits]`` is enabled and the backend can write limits (blocking: NVML)."""
+        pl = cfg.power_limits
+        if not pl.enabled:
+            return None
+        if not backend.supports(Capability.POWER_LIMIT):
+            log.error("power_limits_unsupported", backend=backend.name)
+            return None
+        actuator = PowerLimitActuator(
+            infos,
+            backend,
+            pl.resolved_state_file(),
+            budget_w=pl.node_power_budget_w or cfg.control.node_power_budget_w,
+            min_on_reasons=pl.min_on_reasons,
+            min_change_w=pl.min_change_w,
+            metrics=metrics,
+        )
+        try:
+            actuator.start()
+        except Exception as exc:  # never write limits we could not save first
+            log.error("power_limits_disabled", error=f"{type(exc).__name__}: {exc}")
+            return None
+        return cls(actuator)
 
     def __init__(self, actuator: PowerLimitActuator) -> None:
         self.actuator = actuator

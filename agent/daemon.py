@@ -36,7 +36,6 @@ from rackguard.agent.mqtt import ClientFactory, MqttLink, Topics, aiomqtt_factor
 from rackguard.agent.notify import Notifier
 from rackguard.agent.operator_commands import COMMAND_NAMES, Actions, CommandProcessor
 from rackguard.agent.outbox import OutMsg, open_outbox
-from rackguard.agent.power_limits import PowerLimitActuator
 from rackguard.agent.rack import RackCoordinator
 from rackguard.agent.reports import Reporter
 from rackguard.agent.routes import routes
@@ -44,7 +43,7 @@ from rackguard.agent.sensing import GpuPoller
 from rackguard.agent.seqstore import SeqStore
 from rackguard.agent.telemetry import Window
 from rackguard.controllers.api import Decision
-from rackguard.sensors.base import Capability, GpuBackend, GpuInfo, SensorError
+from rackguard.sensors.base import GpuBackend, GpuInfo, SensorError
 
 SHUTDOWN_BUDGET_S = 4.5  # SIGTERM → exit within 5 s
 
@@ -256,30 +255,6 @@ class Agent:
             except Exception:
                 self.log.exception("decision_sink_failed", sink=type(sink).__name__)
 
-    def _power_sink(self) -> PowerLimitSink | None:
-        """The power-limit writer, if enabled and the backend can write limits (blocking: NVML reads)."""
-        pl = self.cfg.power_limits
-        if not pl.enabled:
-            return None
-        if not self.backend.supports(Capability.POWER_LIMIT):
-            self.log.error("power_limits_unsupported", backend=self.backend.name)
-            return None
-        actuator = PowerLimitActuator(
-            self.infos,
-            self.backend,
-            pl.resolved_state_file(),
-            budget_w=pl.node_power_budget_w or self.cfg.control.node_power_budget_w,
-            min_on_reasons=pl.min_on_reasons,
-            min_change_w=pl.min_change_w,
-            metrics=self.metrics,
-        )
-        try:
-            actuator.start()
-        except Exception as exc:  # never write limits we could not save first
-            self.log.error("power_limits_disabled", error=f"{type(exc).__name__}: {exc}")
-            return None
-        return PowerLimitSink(actuator)
-
     def _nvml_call_metric(self) -> Callable[[Any], None]:
         fast, slow = (self.metrics.nvml_call_s.labels(kind) for kind in ("fast", "slow"))
         return lambda c: (slow if c.slow else fast).observe(c.seconds)
@@ -337,7 +312,9 @@ class Agent:
             control=self.control,
             seqs=self.seqs,
         )
-        self.power = await asyncio.to_thread(self._power_sink)
+        self.power = await asyncio.to_thread(
+            PowerLimitSink.create, self.cfg, self.backend, self.infos, self.metrics, self.log
+        )
         self.sinks = [self.cap] + ([self.power] if self.power else [])
         if self.cfg.actuators.haproxy is not None:
             self.haproxy = HaproxySink(self.cfg.actuators.haproxy, self.cfg.control.safe_cap)
