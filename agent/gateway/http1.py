@@ -9,8 +9,10 @@ protocols, with uvloop, proxy a request in ~65 µs. What they do, and no more:
   ``body_timeout_s`` (408) and the body stay under ``max_body_bytes`` (413); a malformed request gets
   400; each is counted through ``on_bad``. An idle keep-alive connection is closed after
   ``KEEPALIVE_S``. A client that disconnects cancels its handler (and so its upstream call).
-* **Responses** are whole (:class:`Response`) or streamed (:meth:`ServerConnection.start`,
-  ``write``, ``drain``, ``end``), with flow control: ``drain`` waits while the client is slow.
+* **Responses** are whole (:class:`Response`) or streamed (:meth:`ServerConnection.start`, ``write``,
+  ``end``); :meth:`ServerConnection.relay` streams an upstream's body from the upstream connection's
+  callback, with flow control: while the client reads nothing the upstream is not read, and a client
+  stalled for ``write_timeout_s`` is cut.
 * **Client.** :class:`UpstreamPool` keeps idle keep-alive connections per upstream (``http`` or
   ``https``), forgets those idle longer than ``POOL_IDLE_S`` (servers close theirs: uvicorn's default
   is 5 s), and retries once on a fresh connection when a reused one closed before answering. A
@@ -178,8 +180,9 @@ class ServerConnection(asyncio.Protocol):
         self.on_deadline: Callable[[], None] = self._idle_timeout
         self._closed = False
         self._paused_writing = False
-        self._drain: asyncio.Future[None] | None = None
         self._streaming = False  # a streamed response started and not ended
+        self._relaying: UpstreamResponse | None = None
+        self._write_timeout_s = math.inf
         self._chunked = True
         self._close_after = False
 
@@ -195,17 +198,21 @@ class ServerConnection(asyncio.Protocol):
         self._disarm()
         if self._task is not None and not self._task.done():
             self._task.cancel()  # the client left: its upstream call goes too
-        self._wake_drain(ConnectionResetError("client disconnected"))
 
     def eof_received(self) -> bool:
         return False  # a half-closed client is gone: close (and cancel its handler)
 
     def pause_writing(self) -> None:
         self._paused_writing = True
+        if self._relaying is not None:  # stop reading the upstream; cut the client if it stays stalled
+            self._relaying.pause_reading()
+            self._arm(self._write_timeout_s, self.abort)
 
     def resume_writing(self) -> None:
         self._paused_writing = False
-        self._wake_drain(None)
+        if self._relaying is not None:
+            self._disarm()
+            self._relaying.resume_reading()
 
     def data_received(self, data: bytes) -> None:
         if self._task is not None:  # answering a request: keep reading (to see a disconnect), parse later
@@ -381,7 +388,7 @@ class ServerConnection(asyncio.Protocol):
         self.transport.write(_head(status, headers, extra))
 
     def write(self, data: bytes) -> None:
-        """Write part of a streamed body; call :meth:`drain` when :attr:`paused`."""
+        """Write part of a streamed body."""
         if self._closed or self.transport is None:
             raise ConnectionResetError("client disconnected")
         if data:
@@ -394,33 +401,32 @@ class ServerConnection(asyncio.Protocol):
             self.transport.write(b"0\r\n\r\n")
         self._streaming = False
 
+    async def relay(
+        self, up: UpstreamResponse, sink: Callable[[bytes], bytes], write_timeout_s: float
+    ) -> None:
+        """Stream ``up``'s body to this client as it arrives, each chunk through ``sink`` (which returns
+        what to write, and must not raise). While the client reads nothing the upstream is not read
+        either; a client stalled for ``write_timeout_s`` is cut (its handler is cancelled). Raises
+        :class:`UpstreamError` if the upstream breaks off."""
+
+        def on_chunk(chunk: bytes) -> None:
+            out = sink(chunk)
+            if out and not self._closed and self.transport is not None:
+                self.transport.write(b"%x\r\n%s\r\n" % (len(out), out) if self._chunked else out)
+
+        self._relaying, self._write_timeout_s = up, write_timeout_s
+        if self._paused_writing:
+            self.pause_writing()
+        try:
+            await up.relay(on_chunk)
+        finally:
+            self._relaying = None
+            self._disarm()
+
     @property
     def streaming(self) -> bool:
         """A streamed response has started and not ended."""
         return self._streaming
-
-    @property
-    def paused(self) -> bool:
-        return self._paused_writing
-
-    async def drain(self) -> None:
-        """Wait until the client has taken enough of what was written (raises if it left)."""
-        if self._closed:
-            raise ConnectionResetError("client disconnected")
-        if not self._paused_writing:
-            return
-        if self._drain is None:
-            self._drain = asyncio.get_running_loop().create_future()
-        await asyncio.shield(self._drain)
-
-    def _wake_drain(self, exc: Exception | None) -> None:
-        d, self._drain = self._drain, None
-        if d is not None and not d.done():
-            if exc is None:
-                d.set_result(None)
-            else:
-                d.set_exception(exc)
-                d.exception()  # retrieved: nobody may be waiting any more
 
     def close(self) -> None:
         if self.transport is not None and not self._closed:
@@ -513,6 +519,8 @@ class UpstreamResponse:
         self._waiter: asyncio.Future[None] | None = None
         self._paused = False
         self._released = False
+        self._sink: Callable[[bytes], None] | None = None
+        self._end: asyncio.Future[None] | None = None
 
     @property
     def content_type(self) -> str:
@@ -521,6 +529,9 @@ class UpstreamResponse:
 
     # from the connection
     def _data(self, body: bytes) -> None:
+        if self._sink is not None:
+            self._sink(body)
+            return
         self._chunks.append(body)
         self._buffered += len(body)
         if self._buffered > READ_HIGH_BYTES and not self._paused and self.conn.transport is not None:
@@ -531,12 +542,15 @@ class UpstreamResponse:
     def _complete(self) -> None:
         self._done = True
         self._wake()
+        if self._end is not None and not self._end.done():
+            self._end.set_result(None)
 
     def _fail(self, exc: BaseException) -> None:
         self._error = exc
-        if not self.head.done():
-            self.head.set_exception(exc)
-            self.head.exception()
+        for f in (self.head, self._end):
+            if f is not None and not f.done():
+                f.set_exception(exc)
+                f.exception()  # retrieved: a cancelled waiter will not
         self._wake()
 
     def _lost(self, exc: Exception | None) -> None:
@@ -573,6 +587,36 @@ class UpstreamResponse:
                 await self._waiter
         finally:
             self.release()
+
+    async def relay(self, sink: Callable[[bytes], None]) -> None:
+        """Hand the body to ``sink`` as it arrives, inside the connection's callback (no task switch
+        per chunk); returns when it has ended. ``sink`` must not raise."""
+        self._sink = sink
+        try:
+            while self._chunks:
+                c = self._chunks.popleft()
+                self._buffered -= len(c)
+                sink(c)
+            if self._paused:
+                self.resume_reading()
+            if self._done:
+                return
+            if self._error is not None:
+                raise self._error
+            self._end = asyncio.get_running_loop().create_future()
+            await self._end
+        finally:
+            self.release()
+
+    def pause_reading(self) -> None:
+        if not self._paused and self.conn.transport is not None and not self.conn.closed:
+            self._paused = True
+            self.conn.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._paused and self.conn.transport is not None and not self.conn.closed:
+            self._paused = False
+            self.conn.transport.resume_reading()
 
     async def read(self) -> bytes:
         """The whole body."""

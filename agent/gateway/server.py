@@ -29,7 +29,6 @@ import math
 import re
 import socket
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +51,7 @@ from rackguard.agent.gateway.http1 import (
     ServerConnection,
     UpstreamError,
     UpstreamPool,
+    UpstreamResponse,
     upstream_call,
 )
 from rackguard.agent.gateway.metrics import GatewayMetrics
@@ -394,7 +394,7 @@ class Gateway:
             ):
                 out_headers = _pass(up.headers, _HOP_OUT)
                 if rec.stream and up.status == 200 and up.content_type == "text/event-stream":
-                    return None, await self._stream(call, up.chunks(), out_headers)
+                    return None, await self._stream(call, up, out_headers)
                 data = await up.read()
         except UpstreamError as exc:
             self._rl.warning(
@@ -417,34 +417,33 @@ class Gateway:
                     rec.completion_tokens = _usage_int(usage, "completion_tokens")
         return Response(up.status, data, out_headers), ok
 
-    async def _stream(self, call: _Call, chunks: AsyncIterator[bytes], headers: Headers) -> bool:
+    async def _stream(self, call: _Call, up: UpstreamResponse, headers: Headers) -> bool:
         """Pass an SSE stream through event by event; whether it ended well."""
-        conn, rec, strip_usage = call.conn, call.rec, call.strip_usage
-        write_timeout_s = self.g.write_timeout_s
+        rec, strip_usage = call.rec, call.strip_usage
         buf = b""
+
+        def events(chunk: bytes) -> bytes:
+            nonlocal buf
+            buf = buf + chunk if buf else chunk
+            if b"\r\n" in buf:
+                buf = buf.replace(b"\r\n", b"\n")
+            if b"\n\n" not in buf:
+                return b""
+            *evs, buf = buf.split(b"\n\n")
+            return b"".join(e for e in (self._event(ev + b"\n\n", rec, strip_usage) for ev in evs) if e)
+
         try:
-            conn.start(200, headers)
-            async for chunk in chunks:
-                buf = buf + chunk if buf else chunk
-                if b"\r\n" in buf:
-                    buf = buf.replace(b"\r\n", b"\n")
-                if b"\n\n" not in buf:
-                    continue
-                *events, buf = buf.split(b"\n\n")
-                out = b"".join(e for e in (self._event(ev + b"\n\n", rec, strip_usage) for ev in events) if e)
-                if not out:
-                    continue
-                conn.write(out)
-                if conn.paused:
-                    async with asyncio.timeout(write_timeout_s):
-                        await conn.drain()  # a client that reads nothing is dropped
+            call.conn.start(200, headers)
+            await call.conn.relay(up, events, self.g.write_timeout_s)  # a stalled client is cut
             if buf:
-                conn.write(buf)
-            conn.end()
-        except ConnectionError:
-            return False  # the client left
-        except TimeoutError:
-            return False  # the client stalled (drain's time-out): the connection is cut
+                call.conn.write(buf)
+            call.conn.end()
+        except ConnectionError as exc:
+            if isinstance(exc, UpstreamError):
+                self._rl.warning(
+                    "gateway_upstream_failed", "stream", upstream=up.pool.host, error=str(exc)[:200]
+                )
+            return False  # the client left, or the upstream broke off mid-stream
         return True
 
     def _event(self, ev: bytes, rec: _Req, strip_usage: bool) -> bytes | None:
