@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import time
 from typing import Any, cast
 
@@ -52,10 +53,10 @@ class FakeUpstream:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    async def start(self, port: int = 0) -> int:
+    async def start(self, port: int = 0, ssl_context: ssl.SSLContext | None = None) -> int:
         self._runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", port, backlog=1024)
+        site = web.TCPSite(self._runner, "127.0.0.1", port, backlog=1024, ssl_context=ssl_context)
         await site.start()
         sockets = getattr(site._server, "sockets", None)  # asyncio's or uvloop's Server
         assert sockets

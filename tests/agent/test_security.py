@@ -363,3 +363,54 @@ def test_secrets_not_in_check_config_print(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert "hunter2" not in r.stdout + r.stderr
     assert json.loads(r.stdout)["mqtt"]["password_file"] == str(pw)
+
+
+async def test_gateway_reaches_an_https_upstream_and_refuses_an_untrusted_one(
+    pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A remote (fallback) endpoint over TLS: verified against the system's CAs (here ``SSL_CERT_FILE``)."""
+    import ssl
+
+    import openai
+
+    from rackguard.agent import config as configmod
+    from rackguard.agent.gateway.server import Gateway
+    from rackguard.agent.mosquitto import free_port
+    from rackguard.bench.fake_openai import FakeUpstream
+
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(pki.path("server.crt"), pki.path("server.key"))
+    up = FakeUpstream("tls", tokens=3)
+    port = await up.start(ssl_context=ctx)
+    cfg = configmod.validate(
+        {
+            "mqtt": {"port": free_port()},
+            "http": {"port": 0},
+            "gateway": {
+                "listen": "127.0.0.1:0",
+                "upstreams": [{"name": "tls", "url": f"https://127.0.0.1:{port}", "gpus": [0]}],
+            },
+        }
+    )
+    msg = [{"role": "user", "content": "hi"}]
+    try:
+        for trusted in (False, True):
+            if trusted:
+                monkeypatch.setenv("SSL_CERT_FILE", str(pki.ca))
+            gw = Gateway(cfg)
+            await gw.start()
+            c = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{gw.port}/v1", api_key="k", max_retries=0)
+            try:
+                if trusted:
+                    r = await c.chat.completions.create(model="m", messages=msg)  # type: ignore[arg-type]
+                    assert r.choices[0].message.content == "xxx" and up.requests == 1
+                else:
+                    with pytest.raises(openai.APIStatusError) as e:
+                        await c.chat.completions.create(model="m", messages=msg)  # type: ignore[arg-type]
+                    assert e.value.status_code == 502 and "certificate" in str(e.value).lower()
+                    assert up.requests == 0
+            finally:
+                await c.close()
+                await gw.close()
+    finally:
+        await up.close()
