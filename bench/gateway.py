@@ -4,16 +4,17 @@ Usage: ``python3 -m rackguard.bench.gateway [--rounds 3] [--streams 200] [--json
 
 Processes: a fake OpenAI-compatible upstream (``bench/fake_openai.py``: an aiohttp server
 for streams and a raw asyncio one for small requests), the gateway (``rackguard gateway``,
-no broker: its limit is a large ``safe_cap``; one process per phase, each pinned to CPU 0),
-HAProxy 2.x (one thread), and this load generator (raw asyncio HTTP/1.1 keep-alive clients).
-Each round measures the three paths one after the other, so they share the machine's noise.
+no broker: its limit is a large ``safe_cap``; one process per phase), HAProxy 2.x (one thread),
+and this load generator (raw asyncio HTTP/1.1 keep-alive clients); all on uvloop where they are
+Python, none pinned to a CPU (the gateway and HAProxy are one thread each). Each round measures
+the paths one after the other, so they share the machine's noise.
 
 * **Streams:** ``--streams`` concurrent SSE streams (8 tokens 50 ms apart; connections start spread
   over one stream's duration, or all at once with ``--lockstep``) for ``--seconds``;
   time to first token and total latency per stream, p50/p99 per path. Added latency =
   path − direct, per round; the median over rounds is reported.
-* A bare aiohttp proxy (``aiohttp``: server + client, nothing else) is measured too: the
-  floor of the gateway's stack on this machine.
+* A bare aiohttp proxy (``aiohttp``: server + client, nothing else) is measured too: what the
+  gateway cost when it was built on aiohttp.
 * **Throughput:** ``--conns`` keep-alive connections sending small non-streamed chat
   completions as fast as they are answered, for ``--seconds``. Requests/s achieved, and
   the gateway's requests per CPU-second (its ceiling on one core, whatever else the
@@ -218,28 +219,23 @@ class Procs:
         self.spawn(
             [py, "-m", "rackguard.bench.fake_openai", "--port", str(self.up), "--fast-port", str(self.fast)],
             env,
-            cpu=1,
         )
         for port, upstream, name in ((self.gw_stream, self.up, "s"), (self.gw_fast, self.fast, "f")):
             cfg = tmp / f"gw-{name}.toml"
             cfg.write_text(gateway_toml(port, upstream))
-            self.spawn([py, "-m", "rackguard.agent.cli", "gateway", "--config", str(cfg)], env, cpu=0)
+            self.spawn([py, "-m", "rackguard.agent.cli", "gateway", "--config", str(cfg)], env)
         self.gateway_fast_pid = self.procs[-1].pid
         self.bare_stream, self.bare_fast = free_port(), free_port()
         for port, upstream in ((self.bare_stream, self.up), (self.bare_fast, self.fast)):
-            self.spawn(
-                [py, "-m", "rackguard.bench.gateway", "--bare-proxy", str(port), str(upstream)], env, cpu=0
-            )
+            self.spawn([py, "-m", "rackguard.bench.gateway", "--bare-proxy", str(port), str(upstream)], env)
         self.bare_fast_pid = self.procs[-1].pid
         hcfg = tmp / "haproxy.cfg"
         hcfg.write_text(haproxy_config(self.hap, self.up, self.fast, tmp / "haproxy.sock"))
         haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
         self.spawn([haproxy, "-f", str(hcfg), "-db"], env)  # nbthread 1: one core
 
-    def spawn(self, cmd: list[str], env: dict[str, str], cpu: int | None = None) -> None:
+    def spawn(self, cmd: list[str], env: dict[str, str]) -> None:
         p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        if cpu is not None and hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > cpu:
-            os.sched_setaffinity(p.pid, {cpu})
         self.procs.append(p)
 
     def close(self) -> None:
