@@ -25,11 +25,14 @@ Each step, per GPU:
    ``packed`` fills GPUs one after another (the rest at ``min_cap``). When the power
    already committed exceeds the limit, each GPU gets its share of the limit as a ceiling:
    it admits nothing until its requests drain to it (never min_cap unless the limit is
-   below the floors);
+   below the floors). In one step the node's planned power falls no more than the limit
+   needs plus ``node_fall_frac`` of it;
 5. the largest integer cap whose conservative power fits is found on the power grid; a rise
-   smaller than ``raise_deadband`` is not taken (the change penalty), falls always are. Caps
-   never exceed the concurrency whose time per output token meets ``Limits.tpot_slo_s``
-   (the objective is goodput: tokens per second from requests meeting the SLO).
+   smaller than ``raise_deadband`` is not taken (the change penalty); a cap falls only when
+   it exceeds its die/HBM allowance by more than ``fall_deadband_w``, or the node's caps
+   together exceed the node limit. Caps never exceed the concurrency whose time per output
+   token meets ``Limits.tpot_slo_s`` (the objective is goodput: tokens per second from
+   requests meeting the SLO).
 """
 
 from __future__ import annotations
@@ -69,6 +72,13 @@ class MpcSettings:
             ``rise_hold_factor`` × ``rise_hysteresis_w`` to spare: the cap does not reverse
             on every degree of sensor noise.
         rise_hold_factor: See ``rise_hold_s``.
+        fall_deadband_w: A cap whose power exceeds its thermal allowance by no more than
+            this is kept (node power and coolant limits get no deadband).
+        node_fall_frac: In one step the node's planned power falls no more than the node limit
+            needs (power − limit) plus this fraction of the limit.
+        mem_noise_std_k: Measurement noise the HBM tracker assumes (the die's assumes 0.8 K):
+            a filter, so that one whole-degree HBM reading (τ 1 s, it follows power noise)
+            moves the estimate less.
         budget_sigmas: Standard deviations of the node's summed power noise kept free
             under the node power budget.
         split: How a node limit is shared: ``even`` (a common per-GPU power ceiling; every
@@ -93,6 +103,9 @@ class MpcSettings:
     rise_hysteresis_w: float = 5.0
     rise_hold_s: float = 60.0
     rise_hold_factor: float = 6.0
+    fall_deadband_w: float = 4.0
+    node_fall_frac: float = 0.05
+    mem_noise_std_k: float = 2.5
     budget_sigmas: float = 3.0
     split: Literal["even", "packed"] = "even"
     flow_trend_s: float = 2.0
@@ -140,7 +153,7 @@ class MpcController:
         self.model = model
         self.power_model = OnlinePowerModel(n_gpus, limits.gpu_power_max_w)
         self.die = GainOffsetTracker(n_gpus)
-        self.mem = GainOffsetTracker(n_gpus)
+        self.mem = GainOffsetTracker(n_gpus, noise_std_k=self.settings.mem_noise_std_k)
         self._x = np.zeros((n_gpus, N_STATES))
         self._t_s: float | None = None
         self._supply_c: float | None = None
@@ -306,13 +319,21 @@ class MpcController:
         t_rows_s[-1] = s.step_s * s.horizon_steps
         supply_rise_k = max(self._supply_slope_c_per_s, 0.0) * t_rows_s  # (N+1,)
 
+        # An estimate already above its target (a noise spike, a whole-degree reading) may
+        # come down as fast as the requests in flight drain, not at once: the excess now is
+        # allowed on each row, falling linearly to zero over the drain time (none at steady).
+        drain_s = s.requests.duration_s(conc)[:, None]
+        decay = np.maximum(1.0 - t_rows_s[None, :] / drain_s, 0.0)
+        decay[:, -1] = 0.0
+
         def room(tracker: GainOffsetTracker, state: int, limit_c: float, offset_c: float) -> FloatArray:
             # Largest model rise each row may add over its free response, (n, N+1).
             r_now = self._x[:, state]
             est_c = supply_c + offset_c + tracker.estimate_k(r_now)
             g_hi = np.minimum(tracker.gain + s.gain_sigmas * tracker.gain_std, tracker.gain_max)
             g_lo = np.maximum(tracker.gain - s.gain_sigmas * tracker.gain_std, tracker.gain_min)
-            head_k = limit_c - est_c[:, None] - supply_rise_k[None, :]
+            excess_k = np.maximum(est_c - limit_c, 0.0)[:, None] * decay
+            head_k = limit_c - est_c[:, None] - supply_rise_k[None, :] + excess_k
             d_rise_max = np.where(head_k >= 0, head_k / g_hi[:, None], head_k / g_lo[:, None])
             return np.asarray(d_rise_max + r_now[:, None] - free[:, :, state])
 
@@ -322,6 +343,12 @@ class MpcController:
         # Requests in flight are never killed: after a cut they drain as they complete, so the
         # power of step j is max(held power, power of the drained concurrency), pd (n, N).
         pd = self._drained_power_w(conc, s.horizon_steps)
+        # A row the drain alone already exceeds cannot be met by any cap: it gets what the drain
+        # gives it (the cap then only limits admissions the later rows can afford), instead of
+        # stopping all admissions on a tenth of a degree of noise.
+        drain_rise = pd @ pred.h_t
+        room_die[:, :-1] = np.maximum(room_die[:, :-1], drain_rise[:, : s.horizon_steps])
+        room_mem[:, :-1] = np.maximum(room_mem[:, :-1], drain_rise[:, s.horizon_steps :])
         # The largest power held over the whole horizon and beyond (drain included).
         held = self._largest_held(
             np.stack([room_die, room_mem]), pred.h_both, pred.tail_pos, pred.tail_g, pred.steady, pd
@@ -351,14 +378,29 @@ class MpcController:
             q_w, q_kind = self._heat_power_w(flow_lpm, share, pd, conc)
             if q_w < node_w:
                 node_w, node_kind = q_w, q_kind
+        node_floor_w = 0.0
+        if math.isfinite(node_w) and self._node_power_w is not None:
+            # Node power falls in a step by no more than the limit now needs plus
+            # node_fall_frac of it (a falling flow anticipated, drained requests fell far below).
+            lim_now = min(
+                math.inf if lim.node_power_budget_w is None else lim.node_power_budget_w,
+                math.inf if flow_lpm is None else lim.coolant_heat_max_w(flow_lpm),
+                math.inf if share is None else min(share.power_w, share.coolant_heat_w),
+            )
+            if math.isfinite(lim_now):
+                node_floor_w = min(self._node_power_w, lim_now) - s.node_fall_frac * lim_now
         ramp = lim.node_power_ramp_w_per_s
         if ramp is not None and self._node_power_w is not None:
             r_w = self._node_power_w + ramp * self._dt_s
             if r_w < node_w:
                 node_w, node_kind = r_w, "power"
         node_bound = False
+        p_thermal = p_allow
         if math.isfinite(node_w) and float(np.sum(p_allow)) > node_w:
             p_allow = self._share_node_power(p_allow, node_w, lost, pd[:, 0])
+            if float(np.sum(p_allow)) < node_floor_w:
+                floor = self._share_node_power(p_thermal, node_floor_w, lost, np.zeros(self.n_gpus))
+                p_allow = np.maximum(p_allow, floor)
             node_bound = True
         self.last_power_allowed_w = p_allow
 
@@ -372,13 +414,27 @@ class MpcController:
         p_rise = np.where(unconstrained, p_allow, p_allow - spare_w)
         caps_rise = pm.max_concurrency(p_rise, lim.min_cap, lim.max_cap)
         prev = np.clip(self._caps, lim.min_cap, lim.max_cap)  # limits may change on reload
-        prev_fits = pm.power_at_caps_w(prev, lim.max_cap) <= p_allow
+        # A cap within fall_deadband_w of its thermal allowance is kept (sensor noise on a flat
+        # power curve moves the cap by tens for a watt). A node limit binds the sum, not each
+        # GPU's share: caps whose summed power (draining requests included) fits are kept.
+        p_prev = pm.power_at_caps_w(prev, lim.max_cap)
+        prev_fits = p_prev <= p_thermal + s.fall_deadband_w
+        if node_bound and float(np.sum(np.maximum(p_prev, pd[:, 0]))) > node_w:
+            prev_fits &= p_prev <= p_allow
         caps_fit = pm.max_concurrency(p_allow, lim.min_cap, lim.max_cap)
         caps = caps_rise
         small_rise = (caps > prev) & (caps - prev < s.raise_deadband) & (caps < lim.max_cap)
-        # On a fall, drop to what fits with the same spare, so that the next falls are fewer.
+        # On a fall, drop to what fits with the same spare, so that the next falls are fewer
+        # (without the spare if the node's power would fall below its floor).
         caps_fall = np.where(pm.power_at_caps_w(caps_fit, lim.max_cap) <= p_rise, caps_fit, caps_rise)
-        caps = np.where(prev_fits, np.where((caps > prev) & ~small_rise, caps, prev), caps_fall)
+        caps_kept = np.where((caps > prev) & ~small_rise, caps, prev)
+        caps = np.where(prev_fits, caps_kept, caps_fall)
+        p_caps = pm.power_at_caps_w(caps, lim.max_cap)
+        if float(np.sum(p_caps)) < node_floor_w:
+            caps = np.where(prev_fits, caps_kept, caps_fit)
+            p_caps = pm.power_at_caps_w(caps, lim.max_cap)
+        if node_bound and float(np.sum(np.maximum(p_caps, pd[:, 0]))) > node_w:
+            caps = np.minimum(caps, prev)  # no rise past the node limit
         caps = np.where(lost, lim.min_cap, caps)
         self._fall_t_s = np.where(caps < prev, t_now, self._fall_t_s)
         self._caps = caps

@@ -360,3 +360,22 @@ def test_node_power_ramp_limit() -> None:
     rises = np.diff([idle_w, *power])
     assert float(np.max(rises)) <= ramp + 60.0  # 4 GPUs × 10 W AR(1) noise, measured over 1 s
     assert float(np.max(np.diff([idle_w, *power_free]))) > 2 * ramp  # unlimited, it jumps
+
+
+@pytest.mark.parametrize(("name", "max_reversals"), [("hbm_binds", 1), ("budget_cut", 1)])
+def test_mpc_caps_do_not_reverse_on_noise(name: str, max_reversals: int) -> None:
+    """Whole-degree HBM readings at a flat power curve (hbm_binds) and the noise of a node
+    limit's split (budget_cut) do not make the caps go down and up again (#13)."""
+    scn = load_scenario(next(p for p in SCENARIOS if p.stem == name)).with_duration(150.0)
+    res = run(scn, "mpc")
+    assert res.seconds_over_limit == 0.0
+    assert res.smoothness()["cap_reversals_per_min"] * 150.0 / 60.0 <= max_reversals + 1e-9
+
+
+def test_mpc_node_power_falls_no_further_than_needed() -> None:
+    """A falling flow anticipated: node power falls in a step by at most what the heat limit
+    needs plus 10 % of it (flow_swing's first minimum, #13)."""
+    scn = load_scenario(next(p for p in SCENARIOS if p.stem == "flow_swing")).with_duration(150.0)
+    res = run(scn, "mpc")
+    assert res.seconds_over_limit == 0.0
+    assert res.smoothness()["max_drop_beyond_need_frac"] <= 0.1
