@@ -184,13 +184,69 @@ class _FastProtocol(asyncio.Protocol):
             self.t.write(_FAST_RESPONSE)
 
 
+def _sse_chunk(obj: dict[str, Any]) -> bytes:
+    data = b"data: " + json.dumps(obj).encode() + b"\n\n"
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+_STREAM_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+_CHUNK = {"id": "c1", "object": "chat.completion.chunk", "created": 0, "model": "m"}
+
+
+class _StreamProtocol(asyncio.Protocol):
+    """HTTP/1.1 keep-alive SSE streams like :meth:`FakeUpstream._stream` (``tokens`` tokens
+    ``interval_s`` apart, then usage if asked, then ``[DONE]``), on timer callbacks: a cheap upstream,
+    so that the benchmark's machine spends its CPU on what it measures."""
+
+    def __init__(self, tokens: int, interval_s: float) -> None:
+        self.tokens, self.interval_s = tokens, interval_s
+        token = dict(_CHUNK, choices=[{"index": 0, "delta": {"content": "x"}, "finish_reason": None}])
+        last = dict(_CHUNK, choices=[{"index": 0, "delta": {"content": "x"}, "finish_reason": "stop"}])
+        usage = {"prompt_tokens": 5, "completion_tokens": tokens, "total_tokens": 5 + tokens}
+        self.token, self.last = _sse_chunk(token), _sse_chunk(last)
+        self.done = _sse_chunk(dict(_CHUNK, choices=[], usage=usage))
+        self.end = b"e\r\ndata: [DONE]\n\n\r\n0\r\n\r\n"
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.t, self.buf = cast(asyncio.Transport, transport), b""
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        end = self.buf.find(b"\r\n\r\n")
+        if end < 0:
+            return
+        head = self.buf[:end].lower()
+        i = head.find(b"content-length:")
+        n = int(head[i + 15 :].split(b"\r\n", 1)[0]) if i >= 0 else 0
+        if len(self.buf) < end + 4 + n:
+            return
+        body, self.buf = self.buf[end + 4 : end + 4 + n], self.buf[end + 4 + n :]
+        usage = b'"include_usage": true' in body or b'"include_usage":true' in body
+        self.t.write(_STREAM_HEAD)
+        self.timer = asyncio.get_running_loop().call_later(self.interval_s, self._token, 0, usage)
+
+    def _token(self, i: int, usage: bool) -> None:
+        if i < self.tokens - 1:
+            self.t.write(self.token)
+            self.timer = asyncio.get_running_loop().call_later(self.interval_s, self._token, i + 1, usage)
+            return
+        self.timer = None
+        self.t.write(self.last + (self.done if usage else b"") + self.end)
+
+
 async def serve_fast(port: int = 0) -> asyncio.Server:
     """The fastest upstream this machine can run: for throughput ceilings, not behaviour."""
     return await asyncio.get_running_loop().create_server(_FastProtocol, "127.0.0.1", port, backlog=1024)
 
 
 def main() -> None:
-    """``python3 -m rackguard.bench.fake_openai --port P --fast-port Q``: serve until killed."""
+    """``python3 -m rackguard.bench.fake_openai --port P --fast-port Q``: serve until killed (streams on
+    ``P``, small completions on ``Q``: the benchmark's cheap upstreams)."""
     import argparse
 
     p = argparse.ArgumentParser()
@@ -201,8 +257,10 @@ def main() -> None:
     a = p.parse_args()
 
     async def run() -> None:
-        up = FakeUpstream("fake", tokens=a.tokens, token_interval_s=a.token_interval_s)
-        await up.start(a.port)
+        loop = asyncio.get_running_loop()
+        await loop.create_server(
+            lambda: _StreamProtocol(a.tokens, a.token_interval_s), "127.0.0.1", a.port, backlog=1024
+        )
         await serve_fast(a.fast_port)
         await asyncio.Event().wait()
 

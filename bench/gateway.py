@@ -2,8 +2,8 @@
 
 Usage: ``python3 -m rackguard.bench.gateway [--rounds 3] [--streams 200] [--json]``
 
-Processes: a fake OpenAI-compatible upstream (``bench/fake_openai.py``: an aiohttp server
-for streams and a raw asyncio one for small requests), the gateway (``rackguard gateway``,
+Processes: a fake OpenAI-compatible upstream (``bench/fake_openai.py``: raw asyncio servers for
+streams and for small requests, so that the upstream costs the machine little CPU), the gateway (``rackguard gateway``,
 no broker: its limit is a large ``safe_cap``; one process per phase), HAProxy 2.x (one thread),
 and this load generator (raw asyncio HTTP/1.1 keep-alive clients); all on uvloop where they are
 Python, none pinned to a CPU (the gateway and HAProxy are one thread each). Each round measures
@@ -235,8 +235,18 @@ class Procs:
         self.spawn([haproxy, "-f", str(hcfg), "-db"], env)  # nbthread 1: one core
 
     def spawn(self, cmd: list[str], env: dict[str, str]) -> None:
-        p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        with open(self.tmp / f"proc{len(self.procs)}.log", "wb") as log:
+            p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)
         self.procs.append(p)
+
+    def dead(self) -> str:
+        """The processes that exited, with the end of their stderr (a start that failed)."""
+        return "; ".join(
+            f"process {i} exited {p.returncode}: "
+            f"{(self.tmp / f'proc{i}.log').read_text(errors='replace')[-500:]}"
+            for i, p in enumerate(self.procs)
+            if p.poll() is not None
+        )
 
     def close(self) -> None:
         for p in self.procs:
@@ -263,7 +273,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         procs = Procs(Path(d))
         try:
             ports = [procs.up, procs.fast, procs.gw_stream, procs.gw_fast, procs.hap, procs.hap + 1]
-            await wait_ready([*ports, procs.bare_stream, procs.bare_fast])
+            try:
+                await wait_ready([*ports, procs.bare_stream, procs.bare_fast])
+            except RuntimeError as exc:
+                raise RuntimeError(f"{exc}; {procs.dead() or 'no process exited'}") from None
             bare = psutil.Process(procs.bare_fast_pid)
             gw = psutil.Process(procs.gateway_fast_pid)
             paths = {
