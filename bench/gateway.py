@@ -1,6 +1,8 @@
 """The admission gateway's overhead: direct vs through the gateway vs through HAProxy, in one run.
 
-Usage: ``python3 -m rackguard.bench.gateway [--rounds 3] [--streams 200] [--json]``
+Usage: ``python3 -m rackguard.bench.gateway [--rounds 3] [--streams 200] [--json] [--gateway-tree DIR]``
+
+``--gateway-tree`` also runs the gateway from another checkout (``reference``), in the same rounds.
 
 Processes: a fake OpenAI-compatible upstream (``bench/fake_openai.py``: raw asyncio servers for
 streams and for small requests, so that the upstream costs the machine little CPU), the gateway (``rackguard gateway``,
@@ -206,7 +208,7 @@ async def bare_proxy(port: int, upstream: int) -> None:
 class Procs:
     """The upstream, two gateways (streams, fast) and HAProxy, stopped on exit."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, ref_tree: Path | None = None) -> None:
         self.tmp = tmp
         self.procs: list[subprocess.Popen[bytes]] = []
         self.up, self.fast = free_port(), free_port()
@@ -225,6 +227,16 @@ class Procs:
             cfg.write_text(gateway_toml(port, upstream))
             self.spawn([py, "-m", "rackguard.agent.cli", "gateway", "--config", str(cfg)], env)
         self.gateway_fast_pid = self.procs[-1].pid
+        self.ref: tuple[int, int] | None = None
+        if ref_tree is not None:  # the same gateway config, run from another checkout
+            self.ref = (free_port(), free_port())
+            ref_env = dict(env, PYTHONPATH=str(ref_tree))
+            for port, upstream, name in ((self.ref[0], self.up, "rs"), (self.ref[1], self.fast, "rf")):
+                cfg = tmp / f"gw-{name}.toml"
+                cfg.write_text(gateway_toml(port, upstream))
+                cmd = [py, "-m", "rackguard.agent.cli", "gateway", "--config", str(cfg)]
+                self.spawn(cmd, ref_env, cwd=ref_tree)
+            self.ref_fast_pid = self.procs[-1].pid
         self.bare_stream, self.bare_fast = free_port(), free_port()
         for port, upstream in ((self.bare_stream, self.up), (self.bare_fast, self.fast)):
             self.spawn([py, "-m", "rackguard.bench.gateway", "--bare-proxy", str(port), str(upstream)], env)
@@ -234,9 +246,9 @@ class Procs:
         haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
         self.spawn([haproxy, "-f", str(hcfg), "-db"], env)  # nbthread 1: one core
 
-    def spawn(self, cmd: list[str], env: dict[str, str]) -> None:
+    def spawn(self, cmd: list[str], env: dict[str, str], cwd: Path | None = None) -> None:
         with open(self.tmp / f"proc{len(self.procs)}.log", "wb") as log:
-            p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)
+            p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log, cwd=cwd)
         self.procs.append(p)
 
     def dead(self) -> str:
@@ -270,28 +282,34 @@ async def wait_ready(ports: list[int]) -> None:
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as d:
-        procs = Procs(Path(d))
+        procs = Procs(Path(d), args.gateway_tree)
         try:
             ports = [procs.up, procs.fast, procs.gw_stream, procs.gw_fast, procs.hap, procs.hap + 1]
+            ports += list(procs.ref or ())
             try:
                 await wait_ready([*ports, procs.bare_stream, procs.bare_fast])
             except RuntimeError as exc:
                 raise RuntimeError(f"{exc}; {procs.dead() or 'no process exited'}") from None
-            bare = psutil.Process(procs.bare_fast_pid)
-            gw = psutil.Process(procs.gateway_fast_pid)
+            cpu_of = {
+                "gateway": psutil.Process(procs.gateway_fast_pid),
+                "aiohttp": psutil.Process(procs.bare_fast_pid),
+            }
             paths = {
                 "direct": (procs.up, procs.fast),
                 "gateway": (procs.gw_stream, procs.gw_fast),
                 "haproxy": (procs.hap, procs.hap + 1),
                 "aiohttp": (procs.bare_stream, procs.bare_fast),
             }
+            if procs.ref is not None:
+                paths["reference"] = procs.ref
+                cpu_of["reference"] = psutil.Process(procs.ref_fast_pid)
             rounds: list[dict[str, Any]] = []
             await streams(procs.gw_stream, 20, 1.0)  # warm up
             for _ in range(args.rounds):
                 rnd: dict[str, Any] = {}
                 for name, (sport, fport) in paths.items():
                     ttft, total, failed = await streams(sport, args.streams, args.seconds, args.lockstep)
-                    proc = bare if name == "aiohttp" else gw
+                    proc = cpu_of.get(name, cpu_of["gateway"])
                     c0 = sum(proc.cpu_times()[:2])
                     t0 = time.monotonic()
                     ok, bad = await throughput(fport, args.conns, args.seconds)
@@ -307,16 +325,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         "rps": ok / wall,
                         "non_200": bad,
                     }
-                    if name in ("gateway", "aiohttp"):
+                    if name in cpu_of:
                         rnd[name]["rps_per_cpu_s"] = ok / cpu if cpu > 0 else float("nan")
                 rounds.append(rnd)
         finally:
             procs.close()
     out: dict[str, Any] = {"rounds": rounds, "median": {}}
-    for name in ("direct", "gateway", "haproxy", "aiohttp"):
+    for name in rounds[0]:
         keys = rounds[0][name].keys()
         out["median"][name] = {k: statistics.median(r[name][k] for r in rounds) for k in keys}
-    for name in ("gateway", "haproxy", "aiohttp"):
+    for name in [n for n in rounds[0] if n != "direct"]:
         for k in ("ttft_p50_ms", "ttft_p99_ms", "latency_p50_ms", "latency_p99_ms"):
             out["median"][name][f"added_{k}"] = statistics.median(r[name][k] - r["direct"][k] for r in rounds)
     return out
@@ -402,6 +420,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--streams", type=int, default=200, help="concurrent SSE streams (default 200)")
     p.add_argument("--conns", type=int, default=64, help="connections for the throughput phase")
     p.add_argument("--seconds", type=float, default=6.0, help="per path, per phase, per round")
+    p.add_argument(
+        "--gateway-tree", type=Path, help="also run the gateway from this checkout (a same-run reference)"
+    )
     p.add_argument("--lockstep", action="store_true", help="start all streams at once (bursts)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--classes", action="store_true", help="only the two-class overload (in-process)")
@@ -449,6 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"requests per CPU-second (one-core ceiling): gateway {med['gateway']['rps_per_cpu_s']:.0f}, "
         f"bare aiohttp proxy {med['aiohttp']['rps_per_cpu_s']:.0f}"
+        + (f", reference {med['reference']['rps_per_cpu_s']:.0f}" if "reference" in med else "")
     )
     return 0
 

@@ -505,6 +505,25 @@ class _ClientConnection(asyncio.Protocol):
 class UpstreamResponse:
     """An upstream's answer: ``status`` and ``headers`` once :meth:`UpstreamPool.request` returns."""
 
+    __slots__ = (
+        "_buffered",
+        "_chunks",
+        "_done",
+        "_end",
+        "_error",
+        "_paused",
+        "_released",
+        "_sink",
+        "_waiter",
+        "conn",
+        "delimited",
+        "head",
+        "headers",
+        "keep_alive",
+        "pool",
+        "status",
+    )
+
     def __init__(self, pool: UpstreamPool, conn: _ClientConnection) -> None:
         self.pool, self.conn = pool, conn
         self.status = 0

@@ -316,8 +316,12 @@ class Gateway:
         if stream and request.path != "/v1/embeddings":
             so = obj.get("stream_options")
             if not (isinstance(so, dict) and so.get("include_usage") is True):
-                obj["stream_options"] = {**(so if isinstance(so, dict) else {}), "include_usage": True}
-                body = json.dumps(obj).encode()
+                head = body.rstrip()
+                if "stream_options" not in obj and head.lstrip().startswith(b"{"):
+                    body = head[:-1] + b',"stream_options":{"include_usage":true}}'  # UTF-8 object: append
+                else:
+                    obj["stream_options"] = {**(so if isinstance(so, dict) else {}), "include_usage": True}
+                    body = json.dumps(obj).encode()
                 strip_usage = True
         model = obj.get("model")
         cls = self.classes[ci]
@@ -388,14 +392,15 @@ class Gateway:
         rec, request = call.rec, call.request
         headers = _pass(request.headers, _HOP)
         try:
-            async with (
-                asyncio.timeout(self.g.upstream_timeout_s),
-                upstream_call(pool, b"POST", request.target, headers, call.body) as up,
-            ):
-                out_headers = _pass(up.headers, _HOP_OUT)
-                if rec.stream and up.status == 200 and up.content_type == "text/event-stream":
-                    return None, await self._stream(call, up, out_headers)
-                data = await up.read()
+            async with asyncio.timeout(self.g.upstream_timeout_s):
+                up = await pool.request(b"POST", request.target, headers, call.body)
+                try:
+                    out_headers = _pass(up.headers, _HOP_OUT)
+                    if rec.stream and up.status == 200 and up.content_type == "text/event-stream":
+                        return None, await self._stream(call, up, out_headers)
+                    data = await up.read()
+                finally:
+                    up.release()
         except UpstreamError as exc:
             self._rl.warning(
                 "gateway_upstream_failed", type(exc).__name__, upstream=pool.host, error=str(exc)[:200]
