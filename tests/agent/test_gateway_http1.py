@@ -15,7 +15,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import openai
 
@@ -224,3 +227,147 @@ async def test_rackguard_gateway_command_serves_the_openai_client(tmp_path: Path
             _, err = p.communicate(timeout=20)
         assert p.returncode == 0, err.decode()[-2000:]
         assert b"Traceback" not in err, err.decode()[-2000:]
+
+
+async def scripted_upstream(
+    script: Callable[[int, bytes], tuple[float, bytes | None]],
+) -> tuple[asyncio.Server, list[bytes]]:
+    """An upstream whose answer to a connection's n-th request (from 1) is ``script(n, head)``:
+    (delay s, the bytes to send, or None to close without answering). Returns the heads it read."""
+    heads: list[bytes] = []
+
+    async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        n = 0
+        try:
+            while True:
+                head = await r.readuntil(b"\r\n\r\n")
+                heads.append(head)
+                length = 0
+                for ln in head.split(b"\r\n"):
+                    if ln.lower().startswith(b"content-length"):
+                        length = int(ln.split(b":")[1])
+                await r.readexactly(length)
+                n += 1
+                delay_s, answer = script(n, head)
+                await asyncio.sleep(delay_s)
+                if answer is None:
+                    break
+                w.write(answer)
+                await w.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        w.close()
+
+    return await asyncio.start_server(serve, "127.0.0.1", 0), heads
+
+
+def ok_answer(body: bytes = OK) -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (
+        len(body),
+        body,
+    )
+
+
+def upstream_at(server: asyncio.Server, path: str = "") -> Any:
+    """A stand-in naming ``server``'s address, under ``path`` (gw_config reads ``name`` and ``url``)."""
+    return SimpleNamespace(name="a", url=f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}{path}")
+
+
+async def test_review_findings_on_the_server_side() -> None:
+    """A header that never ends, 2,000 pipelined 404s, HEAD, Upgrade: h2c, an absolute-form target."""
+    server, heads = await scripted_upstream(lambda n, head: (0.0, ok_answer()))
+    async with running(gw_config([upstream_at(server, "/pfx")])) as gw:
+        # A header value without a line end: refused at the head limit, not buffered without end.
+        r, w = await asyncio.open_connection("127.0.0.1", gw.port)
+        w.write(b"POST /v1/chat/completions HTTP/1.1\r\nX-Long: ")
+        t0 = time.monotonic()
+        for _ in range(40):
+            w.write(b"a" * 16384)
+        status, _, _ = await read_response(r)
+        assert status == 431 and time.monotonic() - t0 < 5
+        w.close()
+        # Pipelined 404s are answered in a loop (recursion would overflow the stack).
+        r, w = await asyncio.open_connection("127.0.0.1", gw.port)
+        w.write(b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n" * 2000)
+        for _ in range(2000):
+            assert (await read_response(r))[0] == 404
+        # HEAD on a GET route: the head only, and the connection stays usable.
+        w.write(b"HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200") and b"Content-Length: " in head
+        status, _, body = await read_response(r)  # would misparse if HEAD had carried a body
+        assert status == 200 and json.loads(body)["ok"] is True
+        w.close()
+        # Upgrade: h2c is answered over HTTP/1.1 (curl --http2), then the connection closes.
+        r, w = await asyncio.open_connection("127.0.0.1", gw.port)
+        w.write(
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+            b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n"
+        )
+        status, headers, _ = await read_response(r)
+        assert status == 200 and headers["connection"] == "close"
+        w.close()
+        # An absolute-form target is forwarded in origin form, under the upstream's path prefix.
+        r, w = await asyncio.open_connection("127.0.0.1", gw.port)
+        w.write(
+            post().replace(b"POST /v1/chat/completions", b"POST http://gw.example/v1/chat/completions?x=1")
+        )
+        status, _, _ = await read_response(r)
+        assert status == 200 and heads[-1].startswith(b"POST /pfx/v1/chat/completions?x=1 HTTP/1.1\r\n")
+        w.close()
+    server.close()
+
+
+async def test_review_findings_on_the_upstream_side() -> None:
+    """1xx before the answer; a reused connection that fails late is not retried (the work may be done)."""
+    early = b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
+    server, heads = await scripted_upstream(
+        lambda n, head: (0.0, early + ok_answer(b'{"n": %d}' % len(heads)))
+    )
+    async with running(gw_config([upstream_at(server)])) as gw:
+        r, w = await asyncio.open_connection("127.0.0.1", gw.port)
+        for i in range(1, 4):  # each answer is its own: a 103 taken as the answer would shift them
+            w.write(post())
+            status, _, body = await read_response(r)
+            assert status == 200 and json.loads(body) == {"n": i}
+        w.close()
+    server.close()
+    # The connection's 2nd request: 0.3 s of "work", then the upstream drops it.
+    server, heads = await scripted_upstream(lambda n, head: (0.0, ok_answer()) if n == 1 else (0.3, None))
+    async with running(gw_config([upstream_at(server)])) as gw:
+        r, w = await asyncio.open_connection("127.0.0.1", gw.port)
+        w.write(post())
+        assert (await read_response(r))[0] == 200
+        w.write(post())
+        assert (await read_response(r))[0] == 502
+        assert len(heads) == 2  # not sent a third time
+        assert gw.upstreams[0].adm.in_flight == 0
+        w.close()
+    server.close()
+
+
+async def test_a_relay_paused_by_its_client_does_not_pool_a_paused_connection() -> None:
+    from rackguard.agent.gateway.http1 import UpstreamPool, UpstreamResponse, _ClientConnection
+
+    class Transport:
+        reading = True
+
+        def pause_reading(self) -> None:
+            self.reading = False
+
+        def resume_reading(self) -> None:
+            self.reading = True
+
+        def close(self) -> None:
+            raise AssertionError("a finished keep-alive answer must be pooled, not closed")
+
+    pool = UpstreamPool("http://127.0.0.1:1", connect_timeout_s=1)
+    conn = _ClientConnection()
+    t = Transport()
+    conn.connection_made(t)  # type: ignore[arg-type]
+    resp = UpstreamResponse(pool, conn)
+    conn.resp, resp.keep_alive = resp, True
+    resp.pause_reading()  # the client stalled as the last chunk went out
+    resp._complete()
+    resp.release()
+    assert pool._idle == [conn] and t.reading
