@@ -31,6 +31,7 @@ import json
 import os
 import random
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -205,6 +206,15 @@ async def bare_proxy(port: int, upstream: int) -> None:
     await asyncio.Event().wait()
 
 
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 class Procs:
     """The upstream, two gateways (streams, fast) and HAProxy, stopped on exit."""
 
@@ -213,9 +223,6 @@ class Procs:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.up, self.fast = free_port(), free_port()
         self.gw_stream, self.gw_fast = free_port(), free_port()
-        self.hap = free_port()
-        while self.hap + 1 in (self.up, self.fast, self.gw_stream, self.gw_fast):
-            self.hap = free_port()
         env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
         py = sys.executable
         self.spawn(
@@ -241,6 +248,11 @@ class Procs:
         for port, upstream in ((self.bare_stream, self.up), (self.bare_fast, self.fast)):
             self.spawn([py, "-m", "rackguard.bench.gateway", "--bare-proxy", str(port), str(upstream)], env)
         self.bare_fast_pid = self.procs[-1].pid
+        taken = {self.up, self.fast, self.gw_stream, self.gw_fast, self.bare_stream, self.bare_fast}
+        taken |= set(self.ref or ())
+        self.hap = free_port()
+        while self.hap + 1 in taken or not _free(self.hap + 1):  # HAProxy's two ports: hap, hap + 1
+            self.hap = free_port()
         hcfg = tmp / "haproxy.cfg"
         hcfg.write_text(haproxy_config(self.hap, self.up, self.fast, tmp / "haproxy.sock"))
         haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
