@@ -2,8 +2,8 @@
 
 Why not aiohttp here: a request proxied through a bare aiohttp server and client costs 330–500 µs of
 CPU on the dev VM, and the gateway must stay under ~330 µs (3,000 requests/s on one core). The
-gateway on these protocols and uvloop costs ~180–210 µs, about half of it in its two ``send`` calls. What they
-do, and no more:
+gateway on these protocols and uvloop costs ~180–210 µs, about half of it in its two ``send`` calls.
+What they do, and no more:
 
 * **Server.** Keep-alive and pipelined requests (answered in order, in a loop), ``Expect:
   100-continue``, HEAD on the GET routes, HTTP/1.0 clients (streams close-delimited), ``Upgrade``
