@@ -467,7 +467,7 @@ class ServerConnection(asyncio.Protocol):
         def on_chunk(chunk: bytes) -> None:
             out = sink(chunk)
             if out and not self._closed and self.transport is not None:
-                self.transport.write(b"%x\r\n%s\r\n" % (len(out), out) if self._chunked else out)
+                self.write(out)
 
         self._relaying, self._write_timeout_s = up, write_timeout_s
         if self._paused_writing:
@@ -617,9 +617,8 @@ class UpstreamResponse:
             return
         self._chunks.append(body)
         self._buffered += len(body)
-        if self._buffered > READ_HIGH_BYTES and not self._paused and self.conn.transport is not None:
-            self._paused = True
-            self.conn.transport.pause_reading()
+        if self._buffered > READ_HIGH_BYTES:
+            self.pause_reading()
         self._wake()
 
     def _complete(self) -> None:
@@ -657,10 +656,8 @@ class UpstreamResponse:
                 while self._chunks:
                     c = self._chunks.popleft()
                     self._buffered -= len(c)
-                    if self._paused and self._buffered < READ_HIGH_BYTES // 4:
-                        self._paused = False
-                        if self.conn.transport is not None:
-                            self.conn.transport.resume_reading()
+                    if self._buffered < READ_HIGH_BYTES // 4:
+                        self.resume_reading()
                     yield c
                 if self._done:
                     return
