@@ -210,9 +210,13 @@ async def test_energy_adds_up_with_carbon_and_water(
         t_end = time.time()
         assert n > 50 and not errors
         await until(lambda: not u.ledger.finished and not u.ledger.open, 10)
+        assert u.last_energy is not None
+        t_last = u.last_energy[0]
     finally:
         await gw.close()
         await up.close()
+    # The gateway settled on a message our subscriber may not have received yet.
+    sub.wait_for(lambda m: m.json()["t_s"] >= t_last, timeout=10)
     # The node's GPU 0 energy over every telemetry window that overlaps the load, from raw telemetry.
     points = [
         (t["t_s"], t["gpus"][0]["energy_j"])
