@@ -197,6 +197,8 @@ class ServerConnection(asyncio.Protocol):
         self._headers_done = False
         self._head_fed = 0  # bytes fed while a head was incomplete
         self._upgraded = False  # the parser stopped at an Upgrade request
+        self._held: Request | None = None  # that request, until its body is read
+        self._held_need = 0
         self._discarding = False  # refused: input is read and dropped until the close
 
     # -- asyncio.Protocol ----------------------------------------------------------------
@@ -241,15 +243,18 @@ class ServerConnection(asyncio.Protocol):
     # -- parsing -------------------------------------------------------------------------
     def _parse(self, data: bytes) -> bool:
         """Feed the parser; False once the connection was refused (and is closing)."""
+        if self._upgraded:
+            return self._collect_body(data)
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
+        except httptools.HttpParserUpgrade as exc:
             # Served over HTTP/1.1 as if it had not asked (``Upgrade: h2c``); the parser stops
-            # here, so the connection closes after the answers.
+            # after the head, so the connection closes after the answers, and a body that
+            # follows the head (curl --http2 -d …) is read here.
             for r in self._ready:
                 r.keep_alive = False
             self._upgraded = True
-            return True
+            return self._upgrade_body(data[exc.args[0] :] if exc.args else b"")
         except httptools.HttpParserError as exc:
             if isinstance(exc.__context__, _Refused):  # raised by a callback below
                 self._refuse(exc.__context__.status, str(exc.__context__))
@@ -262,6 +267,47 @@ class ServerConnection(asyncio.Protocol):
             if self._head_fed > MAX_HEAD_BYTES + MAX_READ_BYTES:
                 self._refuse(431, f"request head over {MAX_HEAD_BYTES} bytes")
                 return False
+        return True
+
+    def _upgrade_body(self, rest: bytes) -> bool:
+        """After an Upgrade head: hold its request back until its Content-Length body is read."""
+        if not self._ready or self._ready[-1] is _TOO_LARGE:
+            return True
+        r = self._ready[-1]
+        if r.header(b"transfer-encoding") is not None:
+            self._refuse(400, "a chunked body with Upgrade is not supported; send Content-Length")
+            return False
+        try:
+            need = int(r.header(b"content-length") or b"0")
+        except ValueError:
+            need = -1
+        if need < 0:
+            self._refuse(400, "bad Content-Length")
+            return False
+        if need == 0:
+            return True
+        if need > self.server.max_body_bytes:
+            self._refuse(413, f"request body over {self.server.max_body_bytes} bytes")
+            return False
+        self._held, self._held_need = self._ready.pop(), need
+        self._body, self._body_bytes = [], 0
+        self._arm(self.server.body_timeout_s, self._body_timeout)
+        return self._collect_body(rest)
+
+    def _collect_body(self, data: bytes) -> bool:
+        """Bytes after an Upgrade head: the held request's body; anything past it is dropped."""
+        held = self._held
+        if held is None or not data:
+            return True
+        take = data[: self._held_need - self._body_bytes]
+        self._body.append(take)
+        self._body_bytes += len(take)
+        if self._body_bytes == self._held_need:
+            self._held = None
+            self._disarm()
+            held.body = b"".join(self._body)
+            self._body = []
+            self._ready.append(held)
         return True
 
     def on_message_begin(self) -> None:
@@ -327,7 +373,7 @@ class ServerConnection(asyncio.Protocol):
         """
         while self._task is None and not self._closed:
             if not self._ready:
-                if not self._pending or self._upgraded:
+                if not self._pending or (self._upgraded and self._held is None):
                     return
                 data = bytes(self._pending)  # read while the last request was answered
                 self._pending.clear()

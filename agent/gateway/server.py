@@ -82,7 +82,10 @@ _JSON = [(b"Content-Type", b"application/json")]
 
 
 def _pass(headers: Headers, hop: frozenset[bytes]) -> Headers:
-    """The end-to-end headers: hop-by-hop ones dropped."""
+    """The end-to-end headers: hop-by-hop ones dropped, and those ``Connection`` names."""
+    named = [v for k, v in headers if k.lower() == b"connection"]
+    if named:
+        hop = hop | {t.strip().lower() for v in named for t in v.split(b",")}
     return [(k, v) for k, v in headers if k.lower() not in hop]
 
 
