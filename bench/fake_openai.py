@@ -245,23 +245,34 @@ async def serve_fast(port: int = 0) -> asyncio.Server:
 
 
 def main() -> None:
-    """``python3 -m rackguard.bench.fake_openai --port P --fast-port Q``: serve until killed (streams on
-    ``P``, small completions on ``Q``: the benchmark's cheap upstreams)."""
+    """Serve until killed. ``--port P``: :class:`FakeUpstream` (answers like vLLM: streamed or not,
+    ``/v1/models``, ``/v1/embeddings``), for trying the gateway. ``--stream-port`` and ``--fast-port``:
+    the benchmark's cheap upstreams (SSE streams only; small completions only)."""
     import argparse
 
-    p = argparse.ArgumentParser()
-    p.add_argument("--port", type=int, required=True)
-    p.add_argument("--fast-port", type=int, required=True)
+    p = argparse.ArgumentParser(prog="python3 -m rackguard.bench.fake_openai")
+    p.add_argument("--port", type=int, default=None, help="a FakeUpstream (like vLLM)")
+    p.add_argument("--stream-port", type=int, default=None, help="raw SSE streams (benchmark)")
+    p.add_argument("--fast-port", type=int, default=None, help="raw small completions (benchmark)")
     p.add_argument("--tokens", type=int, default=8)
     p.add_argument("--token-interval-s", type=float, default=0.05)
     a = p.parse_args()
+    if a.port is None and a.stream_port is None and a.fast_port is None:
+        p.error("give --port, --stream-port or --fast-port")
 
     async def run() -> None:
         loop = asyncio.get_running_loop()
-        await loop.create_server(
-            lambda: _StreamProtocol(a.tokens, a.token_interval_s), "127.0.0.1", a.port, backlog=1024
-        )
-        await serve_fast(a.fast_port)
+        if a.port is not None:
+            await FakeUpstream("fake", tokens=a.tokens, token_interval_s=a.token_interval_s).start(a.port)
+        if a.stream_port is not None:
+            await loop.create_server(
+                lambda: _StreamProtocol(a.tokens, a.token_interval_s),
+                "127.0.0.1",
+                a.stream_port,
+                backlog=1024,
+            )
+        if a.fast_port is not None:
+            await serve_fast(a.fast_port)
         await asyncio.Event().wait()
 
     from rackguard.agent.commands.gateway import loop_factory

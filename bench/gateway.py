@@ -226,7 +226,15 @@ class Procs:
         env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
         py = sys.executable
         self.spawn(
-            [py, "-m", "rackguard.bench.fake_openai", "--port", str(self.up), "--fast-port", str(self.fast)],
+            [
+                py,
+                "-m",
+                "rackguard.bench.fake_openai",
+                "--stream-port",
+                str(self.up),
+                "--fast-port",
+                str(self.fast),
+            ],
             env,
         )
         for port, upstream, name in ((self.gw_stream, self.up, "s"), (self.gw_fast, self.fast, "f")):

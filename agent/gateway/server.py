@@ -703,6 +703,7 @@ class Gateway:
         subs = {self.topics.status, self.topics.cap, self.topics.telemetry}
         if self.cfg.energy.grid_carbon_topic:
             subs.add(self.cfg.energy.grid_carbon_topic)
+        warned_s = -math.inf
         while True:
             password = read_secret(pw_file).get_secret_value() if pw_file else None
             try:
@@ -726,6 +727,15 @@ class Gateway:
             except aiomqtt.MqttError as exc:
                 if self.mqtt_connected:
                     self.log.warning("gateway_mqtt_disconnected", error=str(exc))
+                elif time.monotonic() - warned_s >= 60.0:  # unreachable: say so once a minute
+                    warned_s = time.monotonic()
+                    self.log.warning(
+                        "gateway_mqtt_unreachable",
+                        host=c.host,
+                        port=c.port,
+                        error=str(exc),
+                        limits="from cap_url while it answers, else safe_cap per GPU",
+                    )
             finally:
                 self._client, self.mqtt_connected = None, False
             await asyncio.sleep(c.reconnect_min_s)

@@ -103,8 +103,9 @@ def test_secret_from_credentials_directory(tmp_path: Path, monkeypatch: pytest.M
     assert "s3cret" not in repr(cfg) and "s3cret" not in str(cfg.redacted())
 
 
-def test_shipped_example_is_valid() -> None:
-    r = run_check(REPO / "examples" / "sim.toml")
+@pytest.mark.parametrize("name", ["sim.toml", "gateway.toml"])
+def test_shipped_example_is_valid(name: str) -> None:
+    r = run_check(REPO / "examples" / name)
     assert r.returncode == 0, r.stderr
 
 

@@ -203,6 +203,7 @@ async def test_rackguard_gateway_command_serves_the_openai_client(tmp_path: Path
         p = subprocess.Popen(
             [sys.executable, "-m", "rackguard.agent.cli", "gateway", "--config", str(cfg)],
             cwd=REPO,
+            stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env=dict(os.environ, PYTHONPATH=str(REPO)),
         )
@@ -224,9 +225,11 @@ async def test_rackguard_gateway_command_serves_the_openai_client(tmp_path: Path
             await c.close()
         finally:
             p.send_signal(signal.SIGTERM)
-            _, err = p.communicate(timeout=20)
+            out, err = p.communicate(timeout=20)
         assert p.returncode == 0, err.decode()[-2000:]
         assert b"Traceback" not in err, err.decode()[-2000:]
+        # No broker at [mqtt]: said once (then once a minute), not silently.
+        assert (out + err).count(b'"gateway_mqtt_unreachable"') == 1, (out + err).decode()[-2000:]
 
 
 async def scripted_upstream(
