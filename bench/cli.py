@@ -217,6 +217,7 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
     served = {k: total("served", k) for k in CONTROLLERS}
     oracle_good = float(sum(r["oracle"]["goodput"] for r in results))
     causal_good = float(sum(r["causal"]["goodput"] for r in results))
+    ceiling_good = float(sum(r["ceiling_goodput"] for r in results))
     return {
         "goodput": {k: round(v) for k, v in good.items()}
         | {"oracle": round(oracle_good), "causal": round(causal_good)},
@@ -227,6 +228,10 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
         "mpc_oracle_ratio_min": min((r["controllers"]["mpc"]["oracle_ratio"] or 0.0) for r in results),
         "mpc_vs_pid": ratio(good["mpc"], good["pid"]),
         "mpc_vs_threshold": ratio(good["mpc"], good["threshold"]),
+        # The most any controller could reach against each baseline (see ``ceiling_goodput``).
+        "ceiling_goodput": round(ceiling_good),
+        "ceiling_vs_pid": ratio(ceiling_good, good["pid"]),
+        "ceiling_vs_threshold": ratio(ceiling_good, good["threshold"]),
         "seconds_over_limit": {k: round(total("seconds_over_limit", k), 2) for k in CONTROLLERS}
         | {
             "oracle": round(sum(r["oracle"]["seconds_over_limit"] for r in results), 2),

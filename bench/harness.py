@@ -556,8 +556,18 @@ def slo_max_cap(scenario: Scenario) -> int:
     return max(lim.min_cap, min(lim.max_cap, math.floor(c) if math.isfinite(c) else lim.max_cap))
 
 
+@dataclass(frozen=True)
+class _Ceiling:
+    """Every GPU at the SLO's concurrency whatever happens (run without the safety layer)."""
+
+    caps: tuple[int, ...]
+
+    def step(self, obs: Observation) -> Decision:
+        return Decision(self.caps, "manual", "none")
+
+
 def make_controller(name: str, scenario: Scenario, plant: Plant) -> Controller:
-    """Build a controller by name ("mpc", "pid", "threshold", "oracle", "causal").
+    """Build a controller by name ("mpc", "pid", "threshold", "oracle", "causal", "ceiling").
 
     Every controller is told the SLO: the baselines' largest cap is the SLO's concurrency
     (an operator would configure it so), the MPC derives it from ``Limits.tpot_slo_s``.
@@ -573,6 +583,8 @@ def make_controller(name: str, scenario: Scenario, plant: Plant) -> Controller:
         return PidController(base_lim, n, **PID_TUNING)
     if name == "threshold":
         return ThresholdController(base_lim, n, **THRESHOLD_TUNING)
+    if name == "ceiling":
+        return _Ceiling((slo_max_cap(scenario),) * n)
     if name == "oracle":
         return OracleController(scenario, plant)
     if name == "causal":
@@ -771,7 +783,7 @@ def run(scenario: Scenario, controller: str, *, clock: Callable[[], float] = tim
         t0 = clock()
         proposed = ctrl.step(obs)
         res.solve_s.append(clock() - t0)
-        dec = safety.apply(obs, proposed)
+        dec = proposed if controller == "ceiling" else safety.apply(obs, proposed)
         res.reasons[dec.reason] = res.reasons.get(dec.reason, 0) + 1
         note_leak(t, obs.coolant.leak, dec)
         caps = np.array(dec.caps, dtype=float)
@@ -871,12 +883,16 @@ def bench_scenario(scenario: Scenario, controllers: tuple[str, ...] = CONTROLLER
     """
     oracle = run(scenario, "oracle")
     causal = run(scenario, "causal")
+    ceiling = run(scenario, "ceiling")
     out: dict[str, Any] = {
         "name": scenario.name,
         "oracle": oracle.metrics(),
         "causal": causal.metrics(),
         "oracle_served": round(oracle.served, 1),
         "oracle_goodput": round(oracle.goodput, 0),
+        # No controller capped at the SLO's concurrency gets more goodput than this: every GPU
+        # there all the time, limits and safety ignored (it crosses them where they bind).
+        "ceiling_goodput": round(ceiling.goodput, 0),
         "controllers": {},
     }
     runs: dict[str, RunResult] = {}

@@ -96,7 +96,14 @@ def test_bench_controllers_json(capsys: pytest.CaptureFixture[str]) -> None:
             ):
                 assert m[key] >= 0
         assert 0 < s["controllers"]["mpc"]["oracle_ratio"] <= 1.1
+        # The ceiling bounds every controller's goodput, the references' too.
+        for m in [s["oracle"], s["causal"], *s["controllers"].values()]:
+            assert m["goodput"] <= s["ceiling_goodput"] + 1
     assert out["summary"]["goodput"]["oracle"] > 0 and out["summary"]["mpc_vs_pid"] is not None
+    summary = out["summary"]
+    assert summary["ceiling_vs_pid"] == pytest.approx(
+        summary["ceiling_goodput"] / summary["goodput"]["pid"], rel=1e-3
+    )
 
 
 def test_bench_controllers_seed_changes_the_noise_draw_reproducibly(
