@@ -232,6 +232,13 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
         "ceiling_goodput": round(ceiling_good),
         "ceiling_vs_pid": ratio(ceiling_good, good["pid"]),
         "ceiling_vs_threshold": ratio(ceiling_good, good["threshold"]),
+        # Against the baselines not told the SLO (up to max_cap: TPOT over the SLO is no goodput).
+        "mpc_vs_pid_without_slo": ratio(
+            good["mpc"], sum(r["without_slo"]["pid"]["goodput"] for r in results)
+        ),
+        "mpc_vs_threshold_without_slo": ratio(
+            good["mpc"], sum(r["without_slo"]["threshold"]["goodput"] for r in results)
+        ),
         "seconds_over_limit": {k: round(total("seconds_over_limit", k), 2) for k in CONTROLLERS}
         | {
             "oracle": round(sum(r["oracle"]["seconds_over_limit"] for r in results), 2),

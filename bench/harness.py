@@ -27,6 +27,11 @@ layer. It is a receding-horizon optimum over caps held for 30 s, not a global on
 Knowing the future is not a fair reference while the flow, supply or share change, so
 the ``causal`` reference is the same controller told that load, supply, flow and share stay
 as they are now (it still reads the true state and has no model error). Both are reported.
+
+``ceiling_goodput`` bounds what any controller capped at the SLO's concurrency can score:
+every GPU at that concurrency throughout, with no limit and no safety layer. The baselines
+are scored twice: told the SLO (the main comparison) and not (``without_slo``: up to
+``max_cap``, as before goodput was the score).
 """
 
 from __future__ import annotations
@@ -567,10 +572,12 @@ class _Ceiling:
 
 
 def make_controller(name: str, scenario: Scenario, plant: Plant) -> Controller:
-    """Build a controller by name ("mpc", "pid", "threshold", "oracle", "causal", "ceiling").
+    """Build a controller by name ("mpc", "pid", "threshold", "oracle", "causal", "ceiling",
+    "pid_no_slo", "threshold_no_slo").
 
     Every controller is told the SLO: the baselines' largest cap is the SLO's concurrency
-    (an operator would configure it so), the MPC derives it from ``Limits.tpot_slo_s``.
+    (an operator would configure it so), the MPC derives it from ``Limits.tpot_slo_s``. The
+    ``_no_slo`` baselines are not: they go up to ``max_cap``, as before goodput was scored.
     """
     lim, n = scenario.limits, scenario.plant.n_gpus
     base_lim = replace(lim, max_cap=slo_max_cap(scenario))
@@ -583,6 +590,11 @@ def make_controller(name: str, scenario: Scenario, plant: Plant) -> Controller:
         return PidController(base_lim, n, **PID_TUNING)
     if name == "threshold":
         return ThresholdController(base_lim, n, **THRESHOLD_TUNING)
+    # The baselines as they were before goodput: up to the server's max_cap, the SLO unknown.
+    if name == "pid_no_slo":
+        return PidController(lim, n, **PID_TUNING)
+    if name == "threshold_no_slo":
+        return ThresholdController(lim, n, **THRESHOLD_TUNING)
     if name == "ceiling":
         return _Ceiling((slo_max_cap(scenario),) * n)
     if name == "oracle":
@@ -908,6 +920,7 @@ def bench_scenario(scenario: Scenario, controllers: tuple[str, ...] = CONTROLLER
             m["solve_ms_p50"] = round(float(np.percentile(solve_ms, 50)), 3)
             m["solve_ms_p99"] = round(float(np.percentile(solve_ms, 99)), 3)
         out["controllers"][name] = m
+    out["without_slo"] = {name: run(scenario, f"{name}_no_slo").metrics() for name in ("pid", "threshold")}
     out["_runs"] = runs
     out["_oracle"] = oracle
     out["_causal"] = causal

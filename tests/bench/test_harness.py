@@ -101,6 +101,10 @@ def test_bench_controllers_json(capsys: pytest.CaptureFixture[str]) -> None:
             assert m["goodput"] <= s["ceiling_goodput"] + 1
     assert out["summary"]["goodput"]["oracle"] > 0 and out["summary"]["mpc_vs_pid"] is not None
     summary = out["summary"]
+    # Not told the SLO, the baselines run past its concurrency on a cool node: less goodput.
+    for s in out["scenarios"]:
+        assert set(s["without_slo"]) == {"pid", "threshold"}
+    assert summary["mpc_vs_pid_without_slo"] > summary["mpc_vs_pid"]
     assert summary["ceiling_vs_pid"] == pytest.approx(
         summary["ceiling_goodput"] / summary["goodput"]["pid"], rel=1e-3
     )
