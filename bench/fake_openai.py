@@ -263,7 +263,15 @@ def main() -> None:
     async def run() -> None:
         loop = asyncio.get_running_loop()
         if a.port is not None:
-            await FakeUpstream("fake", tokens=a.tokens, token_interval_s=a.token_interval_s).start(a.port)
+            # Not streamed, the answer comes when a stream would have ended.
+            up = FakeUpstream(
+                "fake",
+                delay_s=a.tokens * a.token_interval_s,
+                tokens=a.tokens,
+                token_interval_s=a.token_interval_s,
+            )
+            await up.start(a.port)
+            print(f"fake OpenAI-compatible server on {up.url}/v1", flush=True)
         if a.stream_port is not None:
             await loop.create_server(
                 lambda: _StreamProtocol(a.tokens, a.token_interval_s),

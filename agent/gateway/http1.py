@@ -7,7 +7,8 @@ What they do, and no more:
 
 * **Server.** Keep-alive and pipelined requests (answered in order, in a loop), ``Expect:
   100-continue``, HEAD on the GET routes, HTTP/1.0 clients (streams close-delimited), ``Upgrade``
-  ignored (answered over HTTP/1.1, then closed). A request's head and body must arrive within
+  ignored (answered over HTTP/1.1, body read, then closed), the HTTP/2 preface answered with GOAWAY
+  ``HTTP_1_1_REQUIRED``. A request's head and body must arrive within
   ``body_timeout_s`` (408), the head stay under ``MAX_HEAD_BYTES`` (431) and the body under
   ``max_body_bytes`` (413); a malformed request gets 400; each is counted through ``on_bad``. An idle
   keep-alive connection is closed after ``KEEPALIVE_S`` (aborted if the client left a response
@@ -94,6 +95,9 @@ class Response:
 
 
 _TOO_LARGE = Request("", "", b"", [], b"", True, False)
+# To an HTTP/2 client that skipped Upgrade (prior knowledge): an empty SETTINGS frame, then
+# GOAWAY (last stream 0, HTTP_1_1_REQUIRED = 0xd), so it says why rather than "empty reply".
+_H2_GOAWAY = bytes.fromhex("000000040000000000" + "000008070000000000" + "00000000" + "0000000d")
 
 Handler = Callable[[Request, "ServerConnection"], Awaitable[Response | None]]
 
@@ -117,7 +121,8 @@ class HttpServer:
         routes: ``{(method, path): handler}``; a handler returns a :class:`Response`, or None once it
             has streamed one through the connection.
         error: Builds an error response: ``error(status, message)``.
-        on_bad: Called with the status of each request refused before any handler (400, 408, 413, 431).
+        on_bad: Called with the status and reason of each request refused before any handler (400,
+            408, 413, 431; 505 for an HTTP/2 preface).
     """
 
     def __init__(
@@ -125,7 +130,7 @@ class HttpServer:
         routes: Mapping[tuple[str, str], Handler],
         *,
         error: Callable[[int, str], Response],
-        on_bad: Callable[[int], None],
+        on_bad: Callable[[int, str], None],
         max_body_bytes: int,
         body_timeout_s: float,
         on_error: Callable[[BaseException], None] | None = None,
@@ -256,7 +261,9 @@ class ServerConnection(asyncio.Protocol):
             self._upgraded = True
             return self._upgrade_body(data[exc.args[0] :] if exc.args else b"")
         except httptools.HttpParserError as exc:
-            if isinstance(exc.__context__, _Refused):  # raised by a callback below
+            if "PRI" in str(exc):  # llhttp: "Pause on PRI/Upgrade", the HTTP/2 connection preface
+                self._refuse(505, "HTTP/2 without Upgrade", _H2_GOAWAY)
+            elif isinstance(exc.__context__, _Refused):  # raised by a callback below
                 self._refuse(exc.__context__.status, str(exc.__context__))
             else:
                 self._refuse(400, f"malformed HTTP request: {exc}"[:200])
@@ -437,10 +444,13 @@ class ServerConnection(asyncio.Protocol):
         else:
             self._arm(KEEPALIVE_S, self._idle_timeout)
 
-    def _refuse(self, status: int, message: str) -> None:
-        """Answer a request refused before its handler, then close without losing that answer."""
-        self.server.on_bad(status)
-        if self._task is None and not self._ready:
+    def _refuse(self, status: int, message: str, raw: bytes | None = None) -> None:
+        """Answer a request refused before its handler (or send ``raw``), then close without
+        losing that answer."""
+        self.server.on_bad(status, message)
+        if raw is not None and self.transport is not None:
+            self.transport.write(raw)
+        elif self._task is None and not self._ready:
             self._send(self.server.error(status, message), False)
         # Closing with unread input makes the kernel send a reset, which can destroy the answer
         # before the client reads it: half-close, discard what still comes, abort after LINGER_S.

@@ -240,7 +240,7 @@ class Gateway:
         return HttpServer(
             routes,
             error=_protocol_error,
-            on_bad=lambda status: self.metrics.bad_requests.inc(),
+            on_bad=self._bad_request,
             on_error=lambda exc: self.log.error("gateway_handler_failed", error=repr(exc)[:300]),
             max_body_bytes=self.g.max_body_bytes,
             body_timeout_s=self.g.body_timeout_s,
@@ -634,6 +634,10 @@ class Gateway:
             self._reject("carbon", str(exc)[:200])
             return
         self.carbon_g_per_kwh = value
+
+    def _bad_request(self, status: int, why: str) -> None:
+        self.metrics.bad_requests.inc()
+        self._rl.warning("gateway_request_refused", str(status), status=status, detail=why[:200])
 
     def _reject(self, what: str, why: str) -> None:
         self.rejected_total += 1

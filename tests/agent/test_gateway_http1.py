@@ -323,6 +323,16 @@ async def test_review_findings_on_the_server_side() -> None:
         assert heads[-1].endswith(b"\r\n\r\n" + BODY)
         assert b"http2-settings" not in heads[-1].lower() and b"upgrade" not in heads[-1].lower()
         w.close()
+        # HTTP/2 with prior knowledge (curl --http2-prior-knowledge): SETTINGS, then GOAWAY
+        # HTTP_1_1_REQUIRED, so the client can say why; counted as a bad request.
+        bad0 = gw.metrics.bad_requests._value.get()
+        r, w = await asyncio.open_connection("127.0.0.1", gw.port)
+        w.write(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes.fromhex("000000040000000000"))
+        frames = await asyncio.wait_for(r.read(), 5)  # then the gateway closes
+        assert frames[3] == 0x4 and frames[9 + 3] == 0x7  # SETTINGS, then GOAWAY
+        assert int.from_bytes(frames[-4:], "big") == 0xD  # HTTP_1_1_REQUIRED
+        assert gw.metrics.bad_requests._value.get() == bad0 + 1
+        w.close()
         # An absolute-form target is forwarded in origin form, under the upstream's path prefix.
         r, w = await asyncio.open_connection("127.0.0.1", gw.port)
         w.write(
