@@ -132,7 +132,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 def _print_text(out: dict[str, Any]) -> None:
     print(
-        f"{out['trace']}: {out['rows']} rows, {out['cleaned']['segments']} segment(s), fit in {out['fit_s']} s"
+        f"{out['trace']}: {out['rows']} rows, {out['cleaned']['segments']} segment(s), "
+        f"fit in {out['fit_s']} s (validation and plot not counted)"
     )
     changed = {k: v for k, v in out["cleaned"].items() if v and k not in ("rows_read", "segments")}
     if changed:
