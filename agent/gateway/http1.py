@@ -82,6 +82,7 @@ class Request:
     body: bytes
     http_11: bool
     keep_alive: bool
+    refused: tuple[int, str] | None = None  # answered with this status and reason, in its turn
 
     def header(self, name: bytes) -> bytes | None:
         return header(self.headers, name)
@@ -94,7 +95,10 @@ class Response:
     headers: Headers = field(default_factory=list)
 
 
-_TOO_LARGE = Request("", "", b"", [], b"", True, False)
+def _refused(status: int, reason: str) -> Request:
+    return Request("", "", b"", [], b"", True, False, (status, reason))
+
+
 # To an HTTP/2 client that skipped Upgrade (prior knowledge): an empty SETTINGS frame, then
 # GOAWAY (last stream 0, HTTP_1_1_REQUIRED = 0xd), so it says why rather than "empty reply".
 _H2_GOAWAY = bytes.fromhex("000000040000000000" + "000008070000000000" + "00000000" + "0000000d")
@@ -204,6 +208,7 @@ class ServerConnection(asyncio.Protocol):
         self._upgraded = False  # the parser stopped at an Upgrade request
         self._held: Request | None = None  # that request, until its body is read
         self._held_need = 0
+        self._message_deadline = math.inf  # monotonic s: the request begun must be in by then
         self._discarding = False  # refused: input is read and dropped until the close
 
     # -- asyncio.Protocol ----------------------------------------------------------------
@@ -256,8 +261,8 @@ class ServerConnection(asyncio.Protocol):
             # Served over HTTP/1.1 as if it had not asked (``Upgrade: h2c``); the parser stops
             # after the head, so the connection closes after the answers, and a body that
             # follows the head (curl --http2 -d …) is read here.
-            for r in self._ready:
-                r.keep_alive = False
+            if self._ready:  # the Upgrade request, last: the ones before it are answered as usual
+                self._ready[-1].keep_alive = False
             self._upgraded = True
             return self._upgrade_body(data[exc.args[0] :] if exc.args else b"")
         except httptools.HttpParserError as exc:
@@ -278,27 +283,31 @@ class ServerConnection(asyncio.Protocol):
 
     def _upgrade_body(self, rest: bytes) -> bool:
         """After an Upgrade head: hold its request back until its Content-Length body is read."""
-        if not self._ready or self._ready[-1] is _TOO_LARGE:
+        if not self._ready or self._ready[-1].refused is not None:
             return True
         r = self._ready[-1]
-        if r.header(b"transfer-encoding") is not None:
-            self._refuse(400, "a chunked body with Upgrade is not supported; send Content-Length")
-            return False
         try:
             need = int(r.header(b"content-length") or b"0")
         except ValueError:
             need = -1
-        if need < 0:
-            self._refuse(400, "bad Content-Length")
-            return False
+        refusal = (
+            (400, "a chunked body with Upgrade is not supported; send Content-Length")
+            if r.header(b"transfer-encoding") is not None
+            else (400, "bad Content-Length")
+            if need < 0
+            else (413, f"request body over {self.server.max_body_bytes} bytes")
+            if need > self.server.max_body_bytes
+            else None
+        )
+        if refusal is not None:  # answered after the requests before it
+            self._ready[-1] = _refused(*refusal)
+            return True
         if need == 0:
             return True
-        if need > self.server.max_body_bytes:
-            self._refuse(413, f"request body over {self.server.max_body_bytes} bytes")
-            return False
         self._held, self._held_need = self._ready.pop(), need
         self._body, self._body_bytes = [], 0
-        self._arm(self.server.body_timeout_s, self._body_timeout)
+        # The body gets what is left of the request's time, not a fresh one.
+        self._arm(max(self._message_deadline - time.monotonic(), 0.0), self._body_timeout)
         return self._collect_body(rest)
 
     def _collect_body(self, data: bytes) -> bool:
@@ -321,6 +330,7 @@ class ServerConnection(asyncio.Protocol):
         self._url, self._headers, self._head_bytes = b"", [], 0
         self._body, self._body_bytes, self._too_large = [], 0, False
         self._in_message, self._headers_done, self._head_fed = True, False, 0
+        self._message_deadline = time.monotonic() + self.server.body_timeout_s
         self._arm(self.server.body_timeout_s, self._body_timeout)
 
     def on_url(self, url: bytes) -> None:
@@ -356,7 +366,7 @@ class ServerConnection(asyncio.Protocol):
         self._in_message, self._headers_done = False, False
         p = self._parser
         if self._too_large:
-            self._ready.append(_TOO_LARGE)
+            self._ready.append(_refused(413, f"request body over {self.server.max_body_bytes} bytes"))
             return
         url = httptools.parse_url(self._url) if self._url else None
         path = url.path if url is not None and url.path else b"/"
@@ -391,8 +401,8 @@ class ServerConnection(asyncio.Protocol):
                 continue
             req = self._ready.popleft()
             self._disarm()
-            if req is _TOO_LARGE:  # read whole (so the client sees the answer), then refused
-                self._refuse(413, f"request body over {self.server.max_body_bytes} bytes")
+            if req.refused is not None:  # read whole (so the client sees the answer), then refused
+                self._refuse(*req.refused)
                 return
             routes = self.server.routes
             head_only = req.method == "HEAD"
@@ -438,8 +448,9 @@ class ServerConnection(asyncio.Protocol):
         self._next()
 
     def _rearm(self) -> None:
-        """Between requests: the keep-alive idle limit, or the body time of one half received."""
-        if self._in_message:
+        """Between requests: the keep-alive idle limit, or the body time of one half received (an
+        Upgrade request's body included)."""
+        if self._in_message or self._held is not None:
             self._arm(self.server.body_timeout_s, self._body_timeout)
         else:
             self._arm(KEEPALIVE_S, self._idle_timeout)

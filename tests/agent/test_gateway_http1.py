@@ -344,6 +344,42 @@ async def test_review_findings_on_the_server_side() -> None:
     server.close()
 
 
+async def test_upgrade_requests_in_a_pipeline_and_refused_ones_are_answered() -> None:
+    """An Upgrade request after another in one write: both answered, in order. One with a body
+    over the limit or chunked: 413/400 sent, not an empty reply. One whose body never comes: 408
+    within the request's own time (head and body), not a fresh period for the body."""
+    upg = b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMA\r\n"
+    server, heads = await scripted_upstream(lambda n, head: (0.0, ok_answer()))
+    async with running(gw_config([upstream_at(server)], max_body_bytes=4096, body_timeout_s=1.0)) as gw:
+        r, w = await asyncio.open_connection("127.0.0.1", gw.port)
+        w.write(post() + post(b'{"model": "m", "n": 2}', extra=upg))
+        first = await read_response(r)
+        second = await read_response(r)
+        assert first[0] == 200 and first[1].get("connection") != "close"
+        assert second[0] == 200 and second[1]["connection"] == "close"
+        assert heads[-1].endswith(b'{"model": "m", "n": 2}')
+        w.close()
+        for req, status in (
+            (post(b"x" * 5000, extra=upg), 413),
+            (post(extra=upg).replace(b"Content-Length: ", b"Transfer-Encoding: chunked\r\nX-Was: "), 400),
+        ):
+            r, w = await asyncio.open_connection("127.0.0.1", gw.port)
+            w.write(req)
+            assert (await read_response(r))[0] == status
+            w.close()
+        r, w = await asyncio.open_connection("127.0.0.1", gw.port)
+        head = post(extra=upg)
+        head = head[: head.index(b"\r\n\r\n") + 4]
+        t0 = time.monotonic()
+        w.write(head[:20])
+        await asyncio.sleep(0.6)
+        w.write(head[20:] + b"{")  # the head after 0.6 s, then one byte of the body
+        assert (await read_response(r))[0] == 408
+        assert time.monotonic() - t0 < 1.6  # 1 s from the head's start (+ the sweep), not 0.6 + 1
+        w.close()
+    server.close()
+
+
 async def test_review_findings_on_the_upstream_side() -> None:
     """1xx before the answer; a reused connection that fails late is not retried (the work may be done)."""
     early = b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
