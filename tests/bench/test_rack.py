@@ -169,7 +169,9 @@ async def test_an_old_connections_will_comes_after_the_new_ones_publish_only_thr
 
 
 CLOCK_TIMELINE = Timeline.only(warm=3, join=5, fail=10, restore=16, end=20)
-LATE_WILL_TIMELINE = Timeline.only(warm=3, join=5, cut=7, kill=7.5, restart=8, end=20)
+# The old will comes ~1.5 keepalives after the cut (15.2 s on a quiet machine); the end leaves
+# room for the peers to be scraped after it even when a loaded CI machine delays it.
+LATE_WILL_TIMELINE = Timeline.only(warm=3, join=5, cut=7, kill=7.5, restart=8, end=25)
 
 
 def _no_overcommit(m: dict[str, Any]) -> None:
@@ -205,7 +207,8 @@ async def test_late_will_drill_the_old_will_comes_after_the_restart_and_is_ignor
     assert d["incarnation_new"] == d["incarnation_old"] + 1, d
     assert d["old_will_after_new_claim_s"] > 0, d  # recorded on the rack's broker, in this order
     assert d["peers_that_ignored_it"] == 3 and d["old_claims_after_restart"] == 0, d
-    assert d["seen_by_peers_after_old_will"]["fresh_fraction"] == 1.0, d
+    seen = d["seen_by_peers_after_old_will"]
+    assert seen["samples"] >= 3 and seen["fresh_fraction"] == 1.0, d
 
 
 def test_with_one_broker_a_takeover_sends_the_old_will_before_the_new_connection_is_accepted(
