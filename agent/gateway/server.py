@@ -574,12 +574,21 @@ class Gateway:
             }
             for u in self.upstreams
         }
+        ok = bool(self.upstreams or self.fallback_url)
+        degraded = [] if self.mqtt_connected else ["mqtt disconnected: no cap or status from the agent"]
+        for name, u in ups.items():
+            if u["source"] == "safe":
+                degraded.append(f"{name}: no valid cap, admitting safe_cap per GPU")
+            if u["safety_reason"] is not None:
+                degraded.append(f"{name}: cap held by safety ({u['safety_reason']}), all to the fallback")
         body = {
-            "ok": bool(self.upstreams or self.fallback_url),
+            "ok": ok,
+            "status": "failed" if not ok else "degraded" if degraded else "ok",
+            "degraded": degraded,
             "mqtt_connected": self.mqtt_connected,
             "upstreams": ups,
         }
-        return Response(200 if body["ok"] else 503, json.dumps(body).encode(), list(_JSON))
+        return Response(200 if ok else 503, json.dumps(body).encode(), list(_JSON))
 
     # -- following the agent -----------------------------------------------------------
     def handle_cap(self, payload: bytes, source: str, expiry_s: float | None = None) -> None:

@@ -13,9 +13,10 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import openai
 import pytest
@@ -140,6 +141,15 @@ async def load(gw: Gateway, stop: asyncio.Event, clients: int, errors: list[Base
     return done[0]
 
 
+async def healthz(gw: Gateway) -> dict[str, Any]:
+    def get() -> dict[str, Any]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{gw.port}/healthz", timeout=5) as r:
+            assert r.status == 200
+            return cast(dict[str, Any], json.loads(r.read()))
+
+    return await asyncio.to_thread(get)
+
+
 async def test_cap_obeyed_ceiling_within_1s_safe_cap_after_sigkill(
     broker: Broker, agent: subprocess.Popen[bytes], subscriber: Any
 ) -> None:
@@ -153,6 +163,8 @@ async def test_cap_obeyed_ceiling_within_1s_safe_cap_after_sigkill(
     try:
         command(sub, 3)
         await until(lambda: (u.adm.limit, u.rules.limit()[1]) == (3, "mqtt"), 15)
+        health = await healthz(gw)
+        assert health["status"] == "ok" and health["degraded"] == [], health
         # 1. 24 clients (streaming and not) against a cap of 3: the upstream never sees more than 3.
         stop, errors = asyncio.Event(), []
         task = asyncio.create_task(load(gw, stop, 24, errors))
@@ -176,6 +188,8 @@ async def test_cap_obeyed_ceiling_within_1s_safe_cap_after_sigkill(
         took_s = time.monotonic() - t0
         print(f"safe_cap {took_s * 1000:.0f} ms after SIGKILL (keepalive {KEEPALIVE_S} s)")
         assert took_s <= 1.5 * KEEPALIVE_S, took_s
+        health = await healthz(gw)  # still 200: it serves, with less
+        assert health["status"] == "degraded" and "vllm: no valid cap" in health["degraded"][0], health
         await asyncio.sleep(0.5)
         up.max_in_flight = up.in_flight
         await asyncio.sleep(1.0)
