@@ -218,6 +218,9 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
     oracle_good = float(sum(r["oracle"]["goodput"] for r in results))
     causal_good = float(sum(r["causal"]["goodput"] for r in results))
     ceiling_good = float(sum(r["ceiling_goodput"] for r in results))
+    no_slo_good = {
+        k: float(sum(r["without_slo"][k]["goodput"] for r in results)) for k in ("pid", "threshold")
+    }
     return {
         "goodput": {k: round(v) for k, v in good.items()}
         | {"oracle": round(oracle_good), "causal": round(causal_good)},
@@ -233,12 +236,8 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
         "ceiling_vs_pid": ratio(ceiling_good, good["pid"]),
         "ceiling_vs_threshold": ratio(ceiling_good, good["threshold"]),
         # Against the baselines not told the SLO (up to max_cap: TPOT over the SLO is no goodput).
-        "mpc_vs_pid_without_slo": ratio(
-            good["mpc"], sum(r["without_slo"]["pid"]["goodput"] for r in results)
-        ),
-        "mpc_vs_threshold_without_slo": ratio(
-            good["mpc"], sum(r["without_slo"]["threshold"]["goodput"] for r in results)
-        ),
+        "mpc_vs_pid_without_slo": ratio(good["mpc"], no_slo_good["pid"]),
+        "mpc_vs_threshold_without_slo": ratio(good["mpc"], no_slo_good["threshold"]),
         "seconds_over_limit": {k: round(total("seconds_over_limit", k), 2) for k in CONTROLLERS}
         | {
             "oracle": round(sum(r["oracle"]["seconds_over_limit"] for r in results), 2),

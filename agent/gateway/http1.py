@@ -290,19 +290,16 @@ class ServerConnection(asyncio.Protocol):
             need = int(r.header(b"content-length") or b"0")
         except ValueError:
             need = -1
-        refusal = (
-            (400, "a chunked body with Upgrade is not supported; send Content-Length")
-            if r.header(b"transfer-encoding") is not None
-            else (400, "bad Content-Length")
-            if need < 0
-            else (413, f"request body over {self.server.max_body_bytes} bytes")
-            if need > self.server.max_body_bytes
-            else None
-        )
-        if refusal is not None:  # answered after the requests before it
-            self._ready[-1] = _refused(*refusal)
-            return True
-        if need == 0:
+        # A refusal is answered after the requests before it.
+        if r.header(b"transfer-encoding") is not None:
+            self._ready[-1] = _refused(
+                400, "a chunked body with Upgrade is not supported; send Content-Length"
+            )
+        elif need < 0:
+            self._ready[-1] = _refused(400, "bad Content-Length")
+        elif need > self.server.max_body_bytes:
+            self._ready[-1] = _refused(413, f"request body over {self.server.max_body_bytes} bytes")
+        if self._ready[-1].refused is not None or need == 0:
             return True
         self._held, self._held_need = self._ready.pop(), need
         self._body, self._body_bytes = [], 0

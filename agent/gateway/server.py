@@ -716,7 +716,6 @@ class Gateway:
         subs = {self.topics.status, self.topics.cap, self.topics.telemetry}
         if self.cfg.energy.grid_carbon_topic:
             subs.add(self.cfg.energy.grid_carbon_topic)
-        warned_s = -math.inf
         while True:
             password = read_secret(pw_file).get_secret_value() if pw_file else None
             try:
@@ -740,10 +739,10 @@ class Gateway:
             except aiomqtt.MqttError as exc:
                 if self.mqtt_connected:
                     self.log.warning("gateway_mqtt_disconnected", error=str(exc))
-                elif time.monotonic() - warned_s >= 60.0:  # unreachable: say so once a minute
-                    warned_s = time.monotonic()
-                    self.log.warning(
+                else:  # unreachable: said once a minute
+                    self._rl.warning(
                         "gateway_mqtt_unreachable",
+                        "unreachable",
                         host=c.host,
                         port=c.port,
                         error=str(exc),
