@@ -10,6 +10,8 @@ Usage: ``python3 -m rackguard.bench.calibration [--runs 5] [--json]``
 * Cross-validation: each shared trace's model on the other trace (only supply and initial
   state re-estimated), die and HBM open-loop RMSE.
 * Identifiability: each fit's searched time constants, their 95 % intervals and bounds.
+* Joint fit: one model fitted to both traces at once (``model fit A.csv B.csv``), its error
+  on each, its time constants and its wall time. Not a cross-validation: both traces are seen.
 """
 
 from __future__ import annotations
@@ -26,7 +28,15 @@ from typing import Any
 import numpy as np
 
 from rackguard.controllers.thermal import DEFAULT_PARAMS, simulate_rise
-from rackguard.controllers.thermal_fit import BOUNDS_S, Trace, fit_trace, parse_trace_csv, validate
+from rackguard.controllers.thermal_fit import (
+    BOUNDS_S,
+    FitResult,
+    Trace,
+    fit_trace,
+    fit_traces,
+    parse_trace_csv,
+    validate,
+)
 
 DATA = Path(__file__).resolve().parents[1] / "tests" / "data"
 LLM, MATMUL = DATA / "h100_llm_decode.csv", DATA / "h100_matmul_burst.csv"
@@ -113,33 +123,46 @@ def run(runs: int) -> dict[str, Any]:
     speed["ratio_reference_over_new"] = round(ref["median_s"] / new["median_s"], 1)
     speed["ratio_reference_over_new_cpu"] = round(ref["median_cpu_s"] / new["median_cpu_s"], 1)
 
-    fits = {name: fit_trace(trace) for name, trace in traces.items()}
-    own = {
-        name: {
-            "rmse_die_c": round(f.rmse_open_loop_c, 3),
-            "rmse_hbm_c": None if f.rmse_mem_open_loop_c is None else round(f.rmse_mem_open_loop_c, 3),
-            "rmse_10s_die_c": round(f.rmse_10s_c, 3),
-            "time_constants_s": {
-                k: {
-                    "value": round(v, 4),
-                    "interval_95": [round(x, 4) for x in f.intervals.get(k, (math.nan, math.nan))],
-                    "bounds": list(BOUNDS_S[k]),
-                }
-                for k, v in f.time_constants_s.items()
-            },
-            "warnings": list(f.warnings),
-        }
-        for name, f in fits.items()
+    both = list(traces.values())
+    speed["joint_both_traces"] = {
+        "rows": sum(len(t.t_s) for t in both),
+        **_time(lambda: fit_traces(both), runs),
     }
+
+    fits = {name: fit_trace(trace) for name, trace in traces.items()}
+    own = {name: {**_errors(f), **_identifiability(f)} for name, f in fits.items()}
     cross = {}
     for a, b in (("matmul_burst", "llm_decode"), ("llm_decode", "matmul_burst")):
         v = validate(fits[a].params, traces[b], hbm="tau_mem_s" in fits[a].time_constants_s)
-        cross[f"{a} -> {b}"] = {
-            "rmse_die_c": round(v.rmse_open_loop_c, 3),
-            "rmse_hbm_c": None if v.rmse_mem_open_loop_c is None else round(v.rmse_mem_open_loop_c, 3),
-            "rmse_10s_die_c": round(v.rmse_10s_c, 3),
-        }
-    return {"speed": speed, "fits": own, "cross_validation": cross}
+        cross[f"{a} -> {b}"] = _errors(v)
+    joint = fit_traces(both)
+    joint_out = {
+        **_identifiability(joint),
+        "on": {name: _errors(validate(joint.params, trace)) for name, trace in traces.items()},
+    }
+    return {"speed": speed, "fits": own, "cross_validation": cross, "joint_fit": joint_out}
+
+
+def _errors(f: FitResult) -> dict[str, Any]:
+    return {
+        "rmse_die_c": round(f.rmse_open_loop_c, 3),
+        "rmse_hbm_c": None if f.rmse_mem_open_loop_c is None else round(f.rmse_mem_open_loop_c, 3),
+        "rmse_10s_die_c": round(f.rmse_10s_c, 3),
+    }
+
+
+def _identifiability(f: FitResult) -> dict[str, Any]:
+    return {
+        "time_constants_s": {
+            k: {
+                "value": round(v, 4),
+                "interval_95": [round(x, 4) for x in f.intervals.get(k, (math.nan, math.nan))],
+                "bounds": list(BOUNDS_S[k]),
+            }
+            for k, v in f.time_constants_s.items()
+        },
+        "warnings": list(f.warnings),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,6 +29,7 @@ import csv
 import io
 import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -330,21 +331,29 @@ class _Segment:
     heat_w: FloatArray  # heat on the grid (the power reading with its averaging undone)
     die_c: FloatArray  # target: die − measured supply (NaN missing)
     mem_c: FloatArray | None  # target: HBM − measured supply
+    supply_c: FloatArray  # measured supply at the samples (zeros without the column)
+    h_s: float  # the grid's step: the trace's median sample period
+    group: int  # which trace: each has its own supply
+    weight: float  # residual weight: every trace counts the same, whatever its length
 
 
-def _segments(trace: Trace, power_window_s: float) -> tuple[list[_Segment], float]:
-    dts = np.concatenate([np.diff(trace.t_s[a:b]) for a, b in trace.segments])
-    h = max(round(float(np.median(dts)), 3), 0.001)
-    taps = max(1, round(power_window_s / h))
-    supply = trace.coolant_supply_c if trace.coolant_supply_c is not None else np.zeros_like(trace.t_s)
+def _segments(traces: Sequence[Trace], power_window_s: float) -> list[_Segment]:
+    n_valid = [max(int(np.isfinite(tr.gpu_temp_c).sum()), 1) for tr in traces]
     out = []
-    for a, b in trace.segments:
-        t = trace.t_s[a:b] - trace.t_s[a]
-        grid = h * np.arange(math.ceil(t[-1] / h) + 1)
-        heat = deconvolve_boxcar(np.interp(grid, t, trace.power_w[a:b]), taps)
-        mem = None if trace.mem_temp_c is None else trace.mem_temp_c[a:b] - supply[a:b]
-        out.append(_Segment(t, grid, heat, trace.gpu_temp_c[a:b] - supply[a:b], mem))
-    return out, h
+    for g, trace in enumerate(traces):
+        dts = np.concatenate([np.diff(trace.t_s[a:b]) for a, b in trace.segments])
+        h = max(round(float(np.median(dts)), 3), 0.001)
+        taps = max(1, round(power_window_s / h))
+        supply = trace.coolant_supply_c if trace.coolant_supply_c is not None else np.zeros_like(trace.t_s)
+        weight = math.sqrt(float(np.mean(n_valid)) / n_valid[g])  # 1 for a single trace
+        for a, b in trace.segments:
+            t = trace.t_s[a:b] - trace.t_s[a]
+            grid = h * np.arange(math.ceil(t[-1] / h) + 1)
+            heat = deconvolve_boxcar(np.interp(grid, t, trace.power_w[a:b]), taps)
+            mem = None if trace.mem_temp_c is None else trace.mem_temp_c[a:b] - supply[a:b]
+            die = trace.gpu_temp_c[a:b] - supply[a:b]
+            out.append(_Segment(t, grid, heat, die, mem, supply[a:b], h, g, weight))
+    return out
 
 
 def _lsq(x: FloatArray, y: FloatArray) -> FloatArray:
@@ -375,12 +384,12 @@ def _heat(seg: _Segment, lag_s: float) -> FloatArray:
     return np.interp(seg.grid_s + lag_s, seg.grid_s, seg.heat_w) if lag_s > 0.0 else seg.heat_w
 
 
-def _die_columns(seg: _Segment, taus: tuple[float, float], lag_s: float, h: float) -> FloatArray:
+def _die_columns(seg: _Segment, taus: tuple[float, float], lag_s: float) -> FloatArray:
     """Per sample: unit-gain forced responses of both modes, then both free decays."""
     p = _heat(seg, lag_s)
     cols = []
     for tau in taus:
-        e = math.exp(-h / tau)
+        e = math.exp(-seg.h_s / tau)
         cols.append(np.interp(seg.t_s, seg.grid_s, _first_order(p, e, 1.0 - e)))
     cols += [np.exp(-seg.t_s / tau) for tau in taus]
     return np.stack(cols, axis=1)
@@ -389,19 +398,19 @@ def _die_columns(seg: _Segment, taus: tuple[float, float], lag_s: float, h: floa
 @dataclass(frozen=True, slots=True)
 class _DieSolution:
     gains: FloatArray  # (2,)
-    supply_c: float
+    supply_c: FloatArray  # per trace
     free: FloatArray  # (n_segments, 2) modal amplitudes at each segment's start
-    resid: FloatArray  # valid samples only
+    resid: FloatArray  # valid samples only, weighted
     pred: list[FloatArray]  # per segment, die − measured supply
 
 
 def _solve_die(
-    segs: list[_Segment], h: float, taus: tuple[float, float], lag_s: float, gains: FloatArray | None
+    segs: list[_Segment], taus: tuple[float, float], lag_s: float, gains: FloatArray | None
 ) -> _DieSolution:
-    """Linear part of the die fit for fixed (τ1, τ2, lag): gains (unless given), supply, free decays."""
-    n_seg = len(segs)
-    blocks = [_die_columns(s, taus, lag_s, h) for s in segs]
-    n_lin = (2 if gains is None else 0) + 1 + 2 * n_seg
+    """Linear part of the die fit for fixed (τ1, τ2, lag): gains (unless given), supplies, free decays."""
+    n_seg, n_grp = len(segs), segs[-1].group + 1
+    blocks = [_die_columns(s, taus, lag_s) for s in segs]
+    n_lin = (2 if gains is None else 0) + n_grp + 2 * n_seg
     rows = []
     targets = []
     for i, (seg, cols) in enumerate(zip(segs, blocks, strict=True)):
@@ -414,10 +423,10 @@ def _solve_die(
             j = 2
         else:
             y -= cols[ok, 0:2] @ gains
-        x[:, j] = 1.0
-        x[:, j + 1 + 2 * i : j + 3 + 2 * i] = cols[ok, 2:4]
-        rows.append(x)
-        targets.append(y)
+        x[:, j + seg.group] = 1.0
+        x[:, j + n_grp + 2 * i : j + n_grp + 2 + 2 * i] = cols[ok, 2:4]
+        rows.append(x * seg.weight)
+        targets.append(y * seg.weight)
     xm, ym = np.concatenate(rows), np.concatenate(targets)
     beta = _lsq(xm, ym)
     if gains is None and np.any(beta[:2] < 1e-6):  # a mode with negative gain: not a ladder
@@ -428,15 +437,20 @@ def _solve_die(
         beta = lsq_linear(xm, ym, bounds=(lo, np.full(n_lin, np.inf))).x
     g = beta[:2] if gains is None else np.asarray(gains, dtype=float)
     j = 2 if gains is None else 0
-    supply = float(beta[j])
-    free = beta[j + 1 :].reshape(n_seg, 2)
-    pred = [cols[:, 0:2] @ g + supply + cols[:, 2:4] @ free[i] for i, cols in enumerate(blocks)]
-    resid = np.concatenate([(pr - s.die_c)[np.isfinite(s.die_c)] for pr, s in zip(pred, segs, strict=True)])
+    supply = beta[j : j + n_grp]
+    free = beta[j + n_grp :].reshape(n_seg, 2)
+    pred = [
+        cols[:, 0:2] @ g + supply[s.group] + cols[:, 2:4] @ free[i]
+        for i, (s, cols) in enumerate(zip(segs, blocks, strict=True))
+    ]
+    resid = np.concatenate(
+        [s.weight * (pr - s.die_c)[np.isfinite(s.die_c)] for pr, s in zip(pred, segs, strict=True)]
+    )
     return _DieSolution(g, supply, free, resid, pred)
 
 
 def _states(
-    segs: list[_Segment], h: float, params: ThermalParams, die: _DieSolution, v: FloatArray
+    segs: list[_Segment], params: ThermalParams, die: _DieSolution, v: FloatArray
 ) -> list[tuple[FloatArray, FloatArray]]:
     """(die, plate) rises on each segment's grid: forced + free, from the Cauer ladder's modes."""
     (tau1, _), (tau2, _), _ = cauer_to_foster(params)
@@ -446,7 +460,7 @@ def _states(
         x = np.zeros((len(seg.grid_s), 2))
         w_b = np.linalg.solve(v, _ladder(params)[1])  # modal input gains
         for k, tau in enumerate((tau1, tau2)):
-            e = math.exp(-h / tau)
+            e = math.exp(-seg.h_s / tau)
             amp = die.free[i, k] / v[0, k]
             mode = _first_order(p, e, w_b[k] * tau * (1.0 - e)) + amp * np.exp(-seg.grid_s / tau)
             x += np.outer(mode, v[:, k])
@@ -455,12 +469,12 @@ def _states(
 
 
 def _mem_columns(
-    seg: _Segment, h: float, params: ThermalParams, die_plate: tuple[FloatArray, FloatArray]
+    seg: _Segment, params: ThermalParams, die_plate: tuple[FloatArray, FloatArray]
 ) -> FloatArray:
     """Per sample: HBM rise with r_mem = 0 from zero state, unit-r_mem response, free decay."""
     base = replace(params, r_mem_k_per_w=0.0)
-    ad, bd = discretize(base, h)
-    e = math.exp(-h / params.tau_mem_s)
+    ad, bd = discretize(base, seg.h_s)
+    e = math.exp(-seg.h_s / params.tau_mem_s)
     p = _heat(seg, params.power_lag_s)
     drive = ad[2, 0] * die_plate[0] + ad[2, 1] * die_plate[1] + bd[2] * p
     cols = [
@@ -476,45 +490,55 @@ def _mem_columns(
 class _MemSolution:
     r_mem_k_per_w: float
     offset_c: float
-    free: FloatArray  # (n_segments,)
-    resid: FloatArray
-    pred: list[FloatArray]
+    free: FloatArray  # (n_segments,), NaN for a segment without HBM readings
+    resid: FloatArray  # weighted
+    pred: list[FloatArray]  # NaN for a segment without HBM readings
 
 
 def _solve_mem(
     segs: list[_Segment],
-    h: float,
     params: ThermalParams,
     die_plate: list[tuple[FloatArray, FloatArray]],
-    supply_c: float,
+    supply_c: FloatArray,
     fixed: bool,
 ) -> _MemSolution:
-    """Linear part of the HBM fit for a fixed τ_mem: r_mem and offset (unless fixed), initial rises."""
-    n_seg = len(segs)
-    blocks = [_mem_columns(s, h, params, dp) for s, dp in zip(segs, die_plate, strict=True)]
-    n_lin = (0 if fixed else 2) + n_seg
+    """Linear part of the HBM fit for a fixed τ_mem: r_mem and offset (unless fixed), initial rises.
+
+    Only segments with HBM readings take part (a trace may lack the column).
+    """
+    idx = [i for i, s in enumerate(segs) if s.mem_c is not None]
+    blocks = {i: _mem_columns(segs[i], params, die_plate[i]) for i in idx}
+    n_free = len(idx)
+    n_lin = (0 if fixed else 2) + n_free
     rows, targets = [], []
-    for i, (seg, cols) in enumerate(zip(segs, blocks, strict=True)):
+    for k, i in enumerate(idx):
+        seg, cols = segs[i], blocks[i]
         assert seg.mem_c is not None
         ok = np.isfinite(seg.mem_c)
         x = np.zeros((int(ok.sum()), n_lin))
-        y = seg.mem_c[ok] - supply_c - cols[ok, 0]
+        y = seg.mem_c[ok] - supply_c[seg.group] - cols[ok, 0]
         if fixed:
             y = y - params.r_mem_k_per_w * cols[ok, 1] - params.mem_offset_c
         else:
             x[:, 0] = cols[ok, 1]
             x[:, 1] = 1.0
-        x[:, n_lin - n_seg + i] = cols[ok, 2]
-        rows.append(x)
-        targets.append(y)
+        x[:, n_lin - n_free + k] = cols[ok, 2]
+        rows.append(x * seg.weight)
+        targets.append(y * seg.weight)
     beta = _lsq(np.concatenate(rows), np.concatenate(targets))
     r_mem, offset = (params.r_mem_k_per_w, params.mem_offset_c) if fixed else (float(beta[0]), float(beta[1]))
-    free = beta[n_lin - n_seg :]
-    pred = [supply_c + offset + c[:, 0] + r_mem * c[:, 1] + free[i] * c[:, 2] for i, c in enumerate(blocks)]
+    free = np.full(len(segs), math.nan)
+    free[idx] = beta[n_lin - n_free :]
+    pred = [
+        supply_c[s.group] + offset + c[:, 0] + r_mem * c[:, 1] + free[i] * c[:, 2]
+        if (c := blocks.get(i)) is not None
+        else np.full(len(s.t_s), math.nan)
+        for i, s in enumerate(segs)
+    ]
     resid = np.concatenate(
         [
-            (pr - s.mem_c)[np.isfinite(s.mem_c)]
-            for pr, s in zip(pred, segs, strict=True)
+            s.weight * (pred[i] - s.mem_c)[np.isfinite(s.mem_c)]
+            for i, s in enumerate(segs)
             if s.mem_c is not None
         ]
     )
@@ -593,7 +617,8 @@ def _ahead_errors(segs: list[_Segment], pred: list[FloatArray], meas: str, horiz
     errs = []
     for seg, p in zip(segs, pred, strict=True):
         y = seg.die_c if meas == "die" else seg.mem_c
-        assert y is not None
+        if y is None:
+            continue
         idx = np.searchsorted(seg.t_s, seg.t_s + horizon_s)
         ok = idx < len(seg.t_s)
         k, j = np.nonzero(ok)[0], idx[ok]
@@ -632,23 +657,37 @@ def _at_bound(name: str, value: float) -> str | None:
 
 
 def fit_trace(trace: Trace, *, power_window_s: float = POWER_WINDOW_S) -> FitResult:
-    """Fit the thermal model to one trace (see the module docstring).
+    """Fit the thermal model to one trace: :func:`fit_traces` with one trace."""
+    return fit_traces([trace], power_window_s=power_window_s)
+
+
+def fit_traces(traces: Sequence[Trace], *, power_window_s: float = POWER_WINDOW_S) -> FitResult:
+    """Fit one thermal model to one or more traces of the same GPU (see the module docstring).
+
+    Each trace has its own supply temperature and each segment its own initial state;
+    the thermal parameters are shared. Every trace weighs the same in the fit, whatever
+    its length or sample rate (a 14 s step test is not drowned by a 3-minute log).
 
     Args:
-        trace: A cleaned trace (the reference flow is assumed throughout).
+        traces: Cleaned traces (the reference flow is assumed throughout).
         power_window_s: The power reading is the mean heat over this window (0: no averaging).
 
     Returns:
-        The fit, its error figures, confidence intervals and warnings.
+        The fit, its error figures over all traces, confidence intervals and warnings.
+        Per-trace figures: :func:`validate` the fitted parameters on each trace (it
+        estimates the same supply and initial states the joint fit did).
 
     Raises:
-        TraceError: The trace cannot identify a model (too short, no power step, constant
-            temperature).
+        TraceError: A trace cannot identify a model (too short, no power step, constant
+            temperature), or there is none.
     """
     from scipy.optimize import least_squares
 
-    check_identifiable(trace)
-    segs, h = _segments(trace, power_window_s)
+    if not traces:
+        raise TraceError("no trace to fit")
+    for trace in traces:
+        check_identifiable(trace)
+    segs = _segments(traces, power_window_s)
     (lo_f, hi_f), (lo_s, hi_s), (lo_l, hi_l) = (
         BOUNDS_S["tau_fast_s"],
         BOUNDS_S["tau_slow_s"],
@@ -660,7 +699,7 @@ def fit_trace(trace: Trace, *, power_window_s: float = POWER_WINDOW_S) -> FitRes
 
     def resid(v: FloatArray) -> FloatArray:
         taus, lag = unpack(v)
-        return _solve_die(segs, h, taus, lag, None).resid
+        return _solve_die(segs, taus, lag, None).resid
 
     lo = np.array([math.log(lo_f), math.log(lo_s), lo_l])
     hi = np.array([math.log(hi_f), math.log(hi_s), hi_l])
@@ -675,7 +714,7 @@ def fit_trace(trace: Trace, *, power_window_s: float = POWER_WINDOW_S) -> FitRes
             best = sol
     assert best is not None
     (tau1, tau2), lag = unpack(best.x)
-    die = _solve_die(segs, h, (tau1, tau2), lag, None)
+    die = _solve_die(segs, (tau1, tau2), lag, None)
     r_dp, tau_die, r_pc, tau_plate = foster_to_cauer(tau1, float(die.gains[0]), tau2, float(die.gains[1]))
     prm = replace(
         DEFAULT_PARAMS,
@@ -688,37 +727,37 @@ def fit_trace(trace: Trace, *, power_window_s: float = POWER_WINDOW_S) -> FitRes
     names = ["tau_fast_s", "tau_slow_s", "power_lag_s"]
     values = [tau1, tau2, lag]
     intervals: dict[str, tuple[float, float]] = {}
-    ci = _interval(best.x, best.jac, die.resid, 3 + 2 * len(segs))
+    ci = _interval(best.x, best.jac, die.resid, 2 + len(die.supply_c) + 2 * len(segs))
     if ci is not None:
         intervals["tau_fast_s"] = (_exp(ci[0][0]), _exp(ci[1][0]))
         intervals["tau_slow_s"] = (_exp(ci[0][1]), _exp(ci[1][1]))
         intervals["power_lag_s"] = (float(ci[0][2]), float(ci[1][2]))
 
     mem: _MemSolution | None = None
-    if trace.mem_temp_c is not None:
-        prm, mem, mem_ci = _fit_mem(segs, h, prm, die)
+    if any(s.mem_c is not None for s in segs):
+        prm, mem, mem_ci = _fit_mem(segs, prm, die)
         names.append("tau_mem_s")
         values.append(prm.tau_mem_s)
         if mem_ci is not None:
             intervals["tau_mem_s"] = mem_ci
     taus = dict(zip(names, values, strict=True))
-    res = _result(trace, segs, h, prm, die, mem, intervals, taus, power_window_s)
+    res = _result(segs, prm, die, mem, intervals, taus, power_window_s)
     if mem is None:
         res = replace(res, warnings=(*res.warnings, NO_HBM_WARNING))
     return res
 
 
 def _fit_mem(
-    segs: list[_Segment], h: float, prm: ThermalParams, die: _DieSolution
+    segs: list[_Segment], prm: ThermalParams, die: _DieSolution
 ) -> tuple[ThermalParams, _MemSolution, tuple[float, float] | None]:
     from scipy.optimize import least_squares
 
     _, _, v = cauer_to_foster(prm)
-    die_plate = _states(segs, h, prm, die, v)
+    die_plate = _states(segs, prm, die, v)
     lo, hi = BOUNDS_S["tau_mem_s"]
 
     def solve(log_tau: float) -> _MemSolution:
-        return _solve_mem(segs, h, replace(prm, tau_mem_s=math.exp(log_tau)), die_plate, die.supply_c, False)
+        return _solve_mem(segs, replace(prm, tau_mem_s=math.exp(log_tau)), die_plate, die.supply_c, False)
 
     grid = np.linspace(math.log(lo), math.log(hi), 12)
     start = grid[int(np.argmin([_rmse(solve(g).resid) for g in grid]))]
@@ -729,14 +768,12 @@ def _fit_mem(
     prm = replace(
         prm, tau_mem_s=math.exp(float(sol.x[0])), r_mem_k_per_w=mem.r_mem_k_per_w, mem_offset_c=mem.offset_c
     )
-    ci = _interval(sol.x, sol.jac, mem.resid, 2 + len(segs))
+    ci = _interval(sol.x, sol.jac, mem.resid, 2 + sum(s.mem_c is not None for s in segs))
     return prm, mem, None if ci is None else (_exp(ci[0][0]), _exp(ci[1][0]))
 
 
 def _result(
-    trace: Trace,
     segs: list[_Segment],
-    h: float,
     prm: ThermalParams,
     die: _DieSolution,
     mem: _MemSolution | None,
@@ -750,22 +787,29 @@ def _result(
     for k, (lo, hi) in intervals.items():
         if k in taus and taus[k] > 0 and (hi - lo) > 2.0 * taus[k]:
             warnings.append(f"{k} is poorly determined: 95 % interval [{lo:.3g}, {hi:.3g}]")
-    supply = trace.coolant_supply_c if trace.coolant_supply_c is not None else np.zeros_like(trace.t_s)
-    mem_pred = None
+    supply = np.concatenate([s.supply_c for s in segs])
+    die_pred = np.concatenate(die.pred)
+    die_meas = np.concatenate([s.die_c for s in segs])
+    mem_pred = mem_rmse = None
     if mem is not None:
-        mem_pred = np.concatenate(mem.pred) + supply
+        mem_pred = np.concatenate(mem.pred)
+        mem_meas = np.concatenate(
+            [s.mem_c if s.mem_c is not None else np.full(len(s.t_s), np.nan) for s in segs]
+        )
+        mem_rmse = _rmse((mem_pred - mem_meas)[np.isfinite(mem_meas)])
+        mem_pred = mem_pred + supply
     return FitResult(
         params=prm,
-        supply_c=die.supply_c,
+        supply_c=float(die.supply_c[0]),
         x0_k=(float(x0[0]), float(x0[1]), float(mem.free[0]) if mem is not None else float(x0[1])),
-        rmse_open_loop_c=_rmse(die.resid),
+        rmse_open_loop_c=_rmse((die_pred - die_meas)[np.isfinite(die_meas)]),
         rmse_10s_c=_rmse(_ahead_errors(segs, die.pred, "die", 10.0)),
-        rmse_mem_open_loop_c=None if mem is None else _rmse(mem.resid),
+        rmse_mem_open_loop_c=mem_rmse,
         rmse_mem_10s_c=None if mem is None else _rmse(_ahead_errors(segs, mem.pred, "mem", 10.0)),
         intervals=intervals,
         time_constants_s=taus,
         warnings=tuple(warnings),
-        die_pred_c=np.concatenate(die.pred) + supply,
+        die_pred_c=die_pred + supply,
         mem_pred_c=mem_pred,
         power_window_s=power_window_s,
     )
@@ -788,11 +832,11 @@ def validate(
     Returns:
         Error figures with ``params`` unchanged.
     """
-    segs, h = _segments(trace, power_window_s)
+    segs = _segments([trace], power_window_s)
     (tau1, g1), (tau2, g2), _ = cauer_to_foster(params)
-    die = _solve_die(segs, h, (tau1, tau2), params.power_lag_s, np.array([g1, g2]))
+    die = _solve_die(segs, (tau1, tau2), params.power_lag_s, np.array([g1, g2]))
     mem = None
     if hbm and trace.mem_temp_c is not None:
         _, _, v = cauer_to_foster(params)
-        mem = _solve_mem(segs, h, params, _states(segs, h, params, die, v), die.supply_c, True)
-    return _result(trace, segs, h, params, die, mem, {}, {}, power_window_s)
+        mem = _solve_mem(segs, params, _states(segs, params, die, v), die.supply_c, True)
+    return _result(segs, params, die, mem, {}, {}, power_window_s)

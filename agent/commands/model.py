@@ -22,9 +22,14 @@ def register(sub: Any) -> None:
     """Add ``model fit``, ``model record`` and ``model defaults`` to the CLI."""
     p = sub.add_parser("model", help="thermal model: record a trace, fit it, show defaults")
     msub = p.add_subparsers(dest="model_command", metavar="ACTION")
-    fit = msub.add_parser("fit", help="fit the thermal RC model to a CSV trace")
+    fit = msub.add_parser("fit", help="fit the thermal RC model to CSV traces of one GPU")
     fit.add_argument(
-        "trace", type=Path, help="CSV with t_s, power_w, gpu_temp_c (+ mem_temp_c, coolant_supply_c)"
+        "traces",
+        type=Path,
+        nargs="+",
+        metavar="TRACE",
+        help="CSV with t_s, power_w, gpu_temp_c (+ mem_temp_c, coolant_supply_c); several are "
+        "fitted together (each keeps its own supply temperature and initial state)",
     )
     fit.add_argument("--json", action="store_true", help="print one JSON object (the model file's)")
     fit.add_argument(
@@ -68,59 +73,75 @@ def _load(path: Path) -> Trace:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    """Fit a trace; bad input gives a message on stderr and exit 2."""
+    """Fit one or more traces; bad input gives a message on stderr and exit 2."""
     from rackguard.controllers.thermal import MODEL_SCHEMA
-    from rackguard.controllers.thermal_fit import TraceError, fit_trace, validate
+    from rackguard.controllers.thermal_fit import TraceError, check_identifiable, fit_traces, validate
 
     def fail(path: Path, why: str) -> int:
         print(f"rackguard model fit: {path}: {why}", file=sys.stderr)
         return EX_USAGE
 
     if not 0.0 <= args.power_window_s <= 10.0:
-        return fail(args.trace, "--power-window-s must be within [0, 10]")
+        return fail(args.traces[0], "--power-window-s must be within [0, 10]")
+    given = [*args.traces, *args.validate]
+    if dup := next((p for p in given if given.count(p) > 1), None):
+        return fail(dup, "given twice: a trace is either fitted or validated, once")
     traces: dict[Path, Trace] = {}
-    for path in (args.trace, *args.validate):
+    for path in (*args.traces, *args.validate):
         try:
             traces[path] = _load(path)
         except OSError as exc:
             return fail(path, f"cannot read: {exc.strerror or exc}")
         except (TraceError, UnicodeDecodeError) as exc:
             return fail(path, str(exc))
-    trace = traces[args.trace]
+    fitted = [traces[p] for p in args.traces]
+    for path, trace in zip(args.traces, fitted, strict=True):
+        try:
+            check_identifiable(trace)
+        except TraceError as exc:
+            return fail(path, f"cannot identify a model: {exc}")
     t0 = time.perf_counter()
-    try:
-        res = fit_trace(trace, power_window_s=args.power_window_s)
-    except TraceError as exc:
-        return fail(args.trace, f"cannot identify a model: {exc}")
+    res = fit_traces(fitted, power_window_s=args.power_window_s)
     fit_s = time.perf_counter() - t0
+    cleaned: dict[str, int] = {}
+    for trace in fitted:
+        for k, v in trace.cleaned.items():
+            cleaned[k] = cleaned.get(k, 0) + v
     out: dict[str, Any] = {
         "schema": MODEL_SCHEMA,
-        "trace": str(args.trace),
+        "trace": ", ".join(map(str, args.traces)),
         "fitted_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "rows": len(trace.t_s),
-        "cleaned": trace.cleaned,
+        "rows": sum(len(t.t_s) for t in fitted),
+        "cleaned": cleaned,
         **res.summary(),
         "fit_s": round(fit_s, 3),
     }
+    hbm = "tau_mem_s" in res.time_constants_s
+    each: dict[Path, FitResult] = {args.traces[0]: res}
+    if len(fitted) > 1:  # per-trace figures: the same supply and initial states as the joint fit
+        each = {
+            p: validate(res.params, traces[p], power_window_s=args.power_window_s, hbm=hbm)
+            for p in args.traces
+        }
+        out["per_trace"] = {
+            str(p): _errors(r.summary()) | {"supply_c": round(r.supply_c, 3)} for p, r in each.items()
+        }
     checks: dict[Path, FitResult] = {}
     for path in args.validate:
         checks[path] = validate(
             res.params,
             traces[path],
             power_window_s=args.power_window_s,
-            hbm="tau_mem_s" in res.time_constants_s,
+            hbm=hbm,
         )
-        s = checks[path].summary()
-        out.setdefault("validation", {})[str(path)] = {
-            k: s[k] for k in ("rmse_open_loop_c", "rmse_10s_c", "rmse_mem_open_loop_c", "rmse_mem_10s_c")
-        }
+        out.setdefault("validation", {})[str(path)] = _errors(checks[path].summary())
     if args.out is not None:
         try:
             args.out.write_text(json.dumps(out, indent=1) + "\n")
         except OSError as exc:
             return fail(args.out, f"cannot write: {exc.strerror or exc}")
     if args.plot is not None:
-        code = _plot(args.plot, {args.trace: (trace, res), **{p: (traces[p], checks[p]) for p in checks}})
+        code = _plot(args.plot, {p: (traces[p], r) for p, r in (each | checks).items()})
         if code:
             return code
     if args.json:
@@ -128,6 +149,12 @@ def cmd_fit(args: argparse.Namespace) -> int:
         return 0
     _print_text(out)
     return 0
+
+
+def _errors(summary: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k: summary[k] for k in ("rmse_open_loop_c", "rmse_10s_c", "rmse_mem_open_loop_c", "rmse_mem_10s_c")
+    }
 
 
 def _print_text(out: dict[str, Any]) -> None:
@@ -150,11 +177,10 @@ def _print_text(out: dict[str, Any]) -> None:
         print(
             f"  rmse_mem_open_loop_c = {out['rmse_mem_open_loop_c']}   rmse_mem_10s_c = {out['rmse_mem_10s_c']}"
         )
-    for path, v in out.get("validation", {}).items():
-        mem = f", HBM {v['rmse_mem_open_loop_c']}" if v["rmse_mem_open_loop_c"] is not None else ""
-        print(
-            f"  validation on {path}: open-loop die {v['rmse_open_loop_c']}{mem}, 10 s die {v['rmse_10s_c']}"
-        )
+    for kind, key in (("fitted", "per_trace"), ("validation on", "validation")):
+        for path, v in out.get(key, {}).items():
+            mem = f", HBM {v['rmse_mem_open_loop_c']}" if v["rmse_mem_open_loop_c"] is not None else ""
+            print(f"  {kind} {path}: open-loop die {v['rmse_open_loop_c']}{mem}, 10 s die {v['rmse_10s_c']}")
     for w in out["warnings"]:
         print(f"  warning: {w}")
 

@@ -44,6 +44,27 @@ def test_fit_json_is_the_model_file_and_reports_validation(
     assert any("built-in" in w for w in printed["warnings"])
 
 
+def test_fit_of_two_traces_reports_each(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "m.json"
+    assert cli("fit", str(LLM), str(MATMUL), "--out", str(out), "--json") == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert json.loads(out.read_text()) == printed and params_from_model(printed).tau_plate_s > 0
+    assert printed["rows"] == 1816 + 280 and printed["cleaned"]["segments"] == 2
+    assert str(LLM) in printed["trace"] and str(MATMUL) in printed["trace"]
+    each = printed["per_trace"]
+    assert each[str(LLM)]["rmse_open_loop_c"] <= 1.0 and each[str(MATMUL)]["rmse_open_loop_c"] <= 1.0
+    assert each[str(LLM)]["rmse_mem_open_loop_c"] is not None
+    assert each[str(MATMUL)]["rmse_mem_open_loop_c"] is None
+    assert each[str(MATMUL)]["supply_c"] - each[str(LLM)]["supply_c"] > 5.0  # the matmul run was warmer
+    assert cli("fit", str(LLM), str(MATMUL)) == 0
+    assert "fitted " + str(MATMUL) in capsys.readouterr().out
+
+
+def test_fit_refuses_a_trace_given_twice(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli("fit", str(LLM), "--validate", str(LLM)) == 2
+    assert "given twice" in capsys.readouterr().err
+
+
 def test_fit_reports_what_it_cleaned(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     lines = LLM.read_text().splitlines()
     lines.insert(50, lines[50])  # one repeated timestamp: what main refused ("must increase strictly")

@@ -29,6 +29,7 @@ from rackguard.controllers.thermal_fit import (
     cauer_to_foster,
     deconvolve_boxcar,
     fit_trace,
+    fit_traces,
     foster_to_cauer,
     parse_trace_csv,
     validate,
@@ -94,6 +95,54 @@ def test_cross_validation_between_the_shared_traces() -> None:
     # A validation is never better than the trace's own fit.
     assert on_llm.rmse_open_loop_c >= clean_fit(llm).rmse_open_loop_c - 1e-6
     assert on_mm.rmse_open_loop_c >= clean_fit(mm).rmse_open_loop_c - 1e-6
+
+
+def test_both_traces_fit_together_within_1_c_each() -> None:
+    """One model for both traces: each keeps its supply and initial state, each weighs the same.
+
+    Fitted by sample count instead, the 1,816-row llm trace drowns the 280-row matmul one
+    (matmul 1.23 °C); fitted on one trace alone, the other is 0.96 / 1.51 °C away.
+    """
+    llm, mm = load("h100_llm_decode.csv"), load("h100_matmul_burst.csv")
+    res = fit_traces([llm, mm])
+    on_llm, on_mm = validate(res.params, llm), validate(res.params, mm)
+    assert on_llm.rmse_open_loop_c <= 1.0 and on_mm.rmse_open_loop_c <= 1.0
+    assert on_llm.rmse_mem_open_loop_c is not None and on_llm.rmse_mem_open_loop_c <= 1.2
+    assert on_mm.rmse_mem_open_loop_c is None  # no HBM column: HBM is fitted on llm alone
+    assert "tau_mem_s" in res.time_constants_s and not res.warnings
+    for key, value in res.time_constants_s.items():
+        lo, hi = BOUNDS_S[key]
+        assert lo < value < hi, key
+    # The joint fit's own supply for the first trace is the one validate finds given its model.
+    assert res.supply_c == pytest.approx(on_llm.supply_c, abs=0.01)
+    assert res.rmse_open_loop_c == pytest.approx(
+        math.hypot(on_llm.rmse_open_loop_c * math.sqrt(1816), on_mm.rmse_open_loop_c * math.sqrt(280))
+        / math.sqrt(1816 + 280),
+        abs=0.01,
+    )
+
+
+def test_a_joint_fit_gives_each_trace_its_own_supply() -> None:
+    """Synthetic: one plant, two sessions with coolant 10 K apart and different loads."""
+    true = ThermalParams(0.025, 0.15, 0.022, 12.0, r_mem_k_per_w=0.03, tau_mem_s=0.5, mem_offset_c=1.0)
+    texts = []
+    for supply_c, step_w in ((28.0, 450.0), (38.0, 600.0)):
+        t = np.arange(0.0, 120.0, 0.1)
+        heat = 100.0 + step_w * ((t > 20) & (t < 70)) + 0.5 * step_w * (t > 90)
+        x = simulate_rise(true, t, heat, np.array(true.steady_rise_k(100.0)))
+        reading = np.convolve(np.concatenate([np.full(9, heat[0]), heat]), np.ones(10) / 10, mode="valid")
+        die = np.round(supply_c + x[:, 0])
+        texts.append(_csv(list(zip(t.round(3), reading, die, strict=True))))
+    traces = [parse_trace_csv(text) for text in texts]
+    res = fit_traces(traces)
+    assert [validate(res.params, tr).supply_c for tr in traces] == [
+        pytest.approx(28.0, abs=0.5),
+        pytest.approx(38.0, abs=0.5),
+    ]
+    assert res.params.r_total_k_per_w == pytest.approx(true.r_total_k_per_w, rel=0.05)
+    assert res.rmse_open_loop_c < 0.4
+    with pytest.raises(TraceError, match="no trace"):
+        fit_traces([])
 
 
 def test_validate_on_the_fitted_trace_reproduces_the_fit() -> None:
