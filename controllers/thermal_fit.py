@@ -4,8 +4,8 @@ Loading is robust to what real logs contain: rows are sorted by time, duplicate
 timestamps merged (column means), blank or non-numeric cells taken as missing (power is
 interpolated, a missing temperature is left out of the residuals), and the trace is split
 into segments at gaps longer than ``GAP_PERIODS`` median sample periods. Each segment
-gets its own initial state; the supply temperature (or its offset over a measured
-supply) is shared.
+gets its own initial state, each trace its own supply temperature (or offset over a
+measured supply); several traces of one GPU can be fitted together (:func:`fit_traces`).
 
 NVML's power reading is a 1 s trailing average (a load that stops at once reads as a
 1 s ramp while the die drops within one sample): the heat is recovered first by a
@@ -554,10 +554,11 @@ class FitResult:
 
     Attributes:
         params: The thermal parameters (fitted, or the ones validated).
-        supply_c: Effective supply temperature (or offset over the measured supply).
+        supply_c: Effective supply temperature (or offset over the measured supply) of
+            the first trace (each trace of a joint fit has its own: validate on it).
         x0_k: Initial state rises (die, plate, mem) of the first segment.
         rmse_open_loop_c: Die RMSE of a simulation driven only by power (supply and
-            each segment's initial state estimated).
+            each segment's initial state estimated), over every sample of every trace.
         rmse_10s_c: Die RMSE of 10 s-ahead predictions anchored on the measured die
             temperature at each start point (the MPC's offset-free predictor).
         rmse_mem_open_loop_c: HBM open-loop RMSE, if the trace has HBM temperatures.
