@@ -792,7 +792,10 @@ def _result(
     die_pred = np.concatenate(die.pred)
     die_meas = np.concatenate([s.die_c for s in segs])
     mem_pred = mem_rmse = None
+    mem_x0 = float(x0[1])  # without HBM readings in the first segment: HBM starts at the plate
     if mem is not None:
+        if math.isfinite(mem.free[0]):
+            mem_x0 = float(mem.free[0])
         mem_pred = np.concatenate(mem.pred)
         mem_meas = np.concatenate(
             [s.mem_c if s.mem_c is not None else np.full(len(s.t_s), np.nan) for s in segs]
@@ -802,7 +805,7 @@ def _result(
     return FitResult(
         params=prm,
         supply_c=float(die.supply_c[0]),
-        x0_k=(float(x0[0]), float(x0[1]), float(mem.free[0]) if mem is not None else float(x0[1])),
+        x0_k=(float(x0[0]), float(x0[1]), mem_x0),
         rmse_open_loop_c=_rmse((die_pred - die_meas)[np.isfinite(die_meas)]),
         rmse_10s_c=_rmse(_ahead_errors(segs, die.pred, "die", 10.0)),
         rmse_mem_open_loop_c=mem_rmse,

@@ -83,9 +83,11 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     if not 0.0 <= args.power_window_s <= 10.0:
         return fail(args.traces[0], "--power-window-s must be within [0, 10]")
-    given = [*args.traces, *args.validate]
-    if dup := next((p for p in given if given.count(p) > 1), None):
-        return fail(dup, "given twice: a trace is either fitted or validated, once")
+    fitted_paths = [p.resolve() for p in args.traces]
+    if dup := next(
+        (p for p, r in zip(args.traces, fitted_paths, strict=True) if fitted_paths.count(r) > 1), None
+    ):
+        return fail(dup, "fitted twice (it would weigh double)")
     traces: dict[Path, Trace] = {}
     for path in (*args.traces, *args.validate):
         try:
@@ -109,7 +111,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
             cleaned[k] = cleaned.get(k, 0) + v
     out: dict[str, Any] = {
         "schema": MODEL_SCHEMA,
-        "trace": ", ".join(map(str, args.traces)),
+        "trace": " + ".join(map(str, args.traces)),  # for people (/v1/model); "traces" for programs
+        "traces": [str(p) for p in args.traces],
         "fitted_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "rows": sum(len(t.t_s) for t in fitted),
         "cleaned": cleaned,
@@ -167,12 +170,14 @@ def _print_text(out: dict[str, Any]) -> None:
         print("  cleaned: " + ", ".join(f"{k} {v}" for k, v in changed.items()))
     for k, v in out["params"].items():
         print(f"  {k:26s} {v:.6g}")
-    print(f"  {'supply_c (effective)':26s} {out['supply_c']:.3f}")
+    supply = "supply_c (effective, 1st)" if "per_trace" in out else "supply_c (effective)"
+    print(f"  {supply:26s} {out['supply_c']:.3f}")
     for k, v in out["time_constants_s"].items():
         lo_hi = out["intervals_95"].get(k)
         ci = f"  95 % [{lo_hi[0]:.3g}, {lo_hi[1]:.3g}]" if lo_hi else ""
         print(f"  {k:26s} {v:.4g}{ci}")
-    print(f"  rmse_open_loop_c = {out['rmse_open_loop_c']}   rmse_10s_c = {out['rmse_10s_c']}")
+    pooled = "  (all traces' samples)" if "per_trace" in out else ""
+    print(f"  rmse_open_loop_c = {out['rmse_open_loop_c']}   rmse_10s_c = {out['rmse_10s_c']}{pooled}")
     if out["rmse_mem_open_loop_c"] is not None:
         print(
             f"  rmse_mem_open_loop_c = {out['rmse_mem_open_loop_c']}   rmse_mem_10s_c = {out['rmse_mem_10s_c']}"

@@ -50,7 +50,7 @@ def test_fit_of_two_traces_reports_each(tmp_path: Path, capsys: pytest.CaptureFi
     printed = json.loads(capsys.readouterr().out)
     assert json.loads(out.read_text()) == printed and params_from_model(printed).tau_plate_s > 0
     assert printed["rows"] == 1816 + 280 and printed["cleaned"]["segments"] == 2
-    assert str(LLM) in printed["trace"] and str(MATMUL) in printed["trace"]
+    assert printed["traces"] == [str(LLM), str(MATMUL)] and printed["trace"] == f"{LLM} + {MATMUL}"
     each = printed["per_trace"]
     assert each[str(LLM)]["rmse_open_loop_c"] <= 1.0 and each[str(MATMUL)]["rmse_open_loop_c"] <= 1.0
     assert each[str(LLM)]["rmse_mem_open_loop_c"] is not None
@@ -60,9 +60,19 @@ def test_fit_of_two_traces_reports_each(tmp_path: Path, capsys: pytest.CaptureFi
     assert "fitted " + str(MATMUL) in capsys.readouterr().out
 
 
-def test_fit_refuses_a_trace_given_twice(capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli("fit", str(LLM), "--validate", str(LLM)) == 2
-    assert "given twice" in capsys.readouterr().err
+def test_fit_refuses_a_trace_fitted_twice(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    link = tmp_path / "same.csv"
+    link.symlink_to(LLM)
+    assert cli("fit", str(LLM), str(link)) == 2
+    assert "fitted twice" in capsys.readouterr().err
+    monkeypatch.chdir(LLM.parent)
+    assert cli("fit", LLM.name, str(LLM)) == 2
+    # Checking a fit on its own trace is allowed (it reproduces the fit's figures).
+    assert cli("fit", str(LLM), "--validate", str(LLM), "--json") == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["validation"][str(LLM)]["rmse_open_loop_c"] == pytest.approx(out["rmse_open_loop_c"], abs=0.02)
 
 
 def test_fit_reports_what_it_cleaned(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

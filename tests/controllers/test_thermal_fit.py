@@ -122,6 +122,15 @@ def test_both_traces_fit_together_within_1_c_each() -> None:
     )
 
 
+def test_a_joint_fit_whose_first_trace_has_no_hbm_still_fits_hbm() -> None:
+    llm, mm = load("h100_llm_decode.csv"), load("h100_matmul_burst.csv")
+    res = fit_traces([mm, llm])
+    assert "tau_mem_s" in res.time_constants_s
+    assert res.time_constants_s == pytest.approx(fit_traces([llm, mm]).time_constants_s, rel=1e-3)
+    assert res.x0_k[2] == res.x0_k[1]  # the first segment has no HBM: its HBM starts at the plate
+    json.dumps(res.summary(), allow_nan=False)  # the model file is strict JSON
+
+
 def test_a_joint_fit_gives_each_trace_its_own_supply() -> None:
     """Synthetic: one plant, two sessions with coolant 10 K apart and different loads."""
     true = ThermalParams(0.025, 0.15, 0.022, 12.0, r_mem_k_per_w=0.03, tau_mem_s=0.5, mem_offset_c=1.0)
