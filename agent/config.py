@@ -1129,6 +1129,19 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError([(str(path), "invalid TOML: arrays or tables nested too deeply")]) from None
 
 
+def _anchor_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    """A relative model file named in a config file is that file's neighbour, wherever the daemon runs.
+
+    (Secrets are different: relative ones live in ``$CREDENTIALS_DIRECTORY``.)
+    """
+    control = data.get("control")
+    if isinstance(control, dict):
+        v = control.get("thermal_model_file")
+        if isinstance(v, str) and v and not Path(v).is_absolute():
+            control["thermal_model_file"] = str(base / v)
+    return data
+
+
 def load(path: Path | None = None, *, environ: Mapping[str, str] | None = None, **defaults: Any) -> Config:
     """Load and validate the config from a TOML file (or none) plus environment overrides.
 
@@ -1140,7 +1153,7 @@ def load(path: Path | None = None, *, environ: Mapping[str, str] | None = None, 
     environ = os.environ if environ is None else environ
     data: dict[str, Any] = dict(defaults)
     if path is not None:
-        data = _merge(data, _read_toml(path))
+        data = _merge(data, _anchor_paths(_read_toml(path), path.parent))
     typos = _env_typos(environ)
     try:
         cfg = validate(_merge(data, env_overrides(environ)), env=environ)

@@ -218,7 +218,7 @@ def check_identifiable(trace: Trace) -> None:
     p5, p95 = np.percentile(trace.power_w, [5, 95])
     if p95 - p5 < MIN_POWER_STEP_W:
         raise TraceError(
-            f"no power step: power stays within {p95 - p5:.0f} W (5th-95th percentile); "
+            f"no power step: the 5th-95th percentile of power spans only {p95 - p5:.0f} W; "
             f"need a load change of at least {MIN_POWER_STEP_W:.0f} W"
         )
     temp = trace.gpu_temp_c[np.isfinite(trace.gpu_temp_c)]

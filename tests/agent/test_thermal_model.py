@@ -171,6 +171,20 @@ def test_a_bad_model_file_exits_78_naming_the_key(tmp_path: Path, capsys: pytest
         assert "control.thermal_model_file" in err and name in err, err
 
 
+def test_a_relative_model_file_is_the_config_files_neighbour(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    model_file, _ = fit_model_file(etc, capsys)
+    cfg = etc / "rackguard.toml"
+    cfg.write_text(f'[control]\nthermal_model_file = "{model_file.name}"\n')
+    monkeypatch.chdir(tmp_path)  # systemd runs the daemon from /, not from the config's folder
+    loaded = configmod.load(cfg)
+    assert loaded.control.thermal_model_file == model_file
+    assert check_config.main(argparse.Namespace(file=cfg, print=False)) == 0
+
+
 def test_ahead_error_is_small_for_the_true_model_and_large_for_a_wrong_one() -> None:
     true = ThermalParams(0.025, 0.15, 0.022, 12.0)
     t = np.arange(0.0, 120.0, 1.0)
