@@ -70,7 +70,13 @@ NO_HBM_WARNING = "no mem_temp_c column: the HBM parameters are the built-in ones
 
 
 class TraceError(ValueError):
-    """A trace cannot be used, with the reason (missing column, too short, no power step ...)."""
+    """A trace cannot be used, with the reason (missing column, too short, no power step ...).
+
+    Attributes:
+        trace_index: Which of :func:`fit_traces`' traces it is, when it raised it.
+    """
+
+    trace_index: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -680,14 +686,18 @@ def fit_traces(traces: Sequence[Trace], *, power_window_s: float = POWER_WINDOW_
 
     Raises:
         TraceError: A trace cannot identify a model (too short, no power step, constant
-            temperature), or there is none.
+            temperature; ``trace_index`` says which), or there is none.
     """
     from scipy.optimize import least_squares
 
     if not traces:
         raise TraceError("no trace to fit")
-    for trace in traces:
-        check_identifiable(trace)
+    for i, trace in enumerate(traces):
+        try:
+            check_identifiable(trace)
+        except TraceError as exc:
+            exc.trace_index = i
+            raise
     segs = _segments(traces, power_window_s)
     (lo_f, hi_f), (lo_s, hi_s), (lo_l, hi_l) = (
         BOUNDS_S["tau_fast_s"],

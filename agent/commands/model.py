@@ -75,7 +75,7 @@ def _load(path: Path) -> Trace:
 def cmd_fit(args: argparse.Namespace) -> int:
     """Fit one or more traces; bad input gives a message on stderr and exit 2."""
     from rackguard.controllers.thermal import MODEL_SCHEMA
-    from rackguard.controllers.thermal_fit import TraceError, check_identifiable, fit_traces, validate
+    from rackguard.controllers.thermal_fit import TraceError, fit_traces, validate
 
     def fail(path: Path, why: str) -> int:
         print(f"rackguard model fit: {path}: {why}", file=sys.stderr)
@@ -97,13 +97,11 @@ def cmd_fit(args: argparse.Namespace) -> int:
         except (TraceError, UnicodeDecodeError) as exc:
             return fail(path, str(exc))
     fitted = [traces[p] for p in args.traces]
-    for path, trace in zip(args.traces, fitted, strict=True):
-        try:
-            check_identifiable(trace)
-        except TraceError as exc:
-            return fail(path, f"cannot identify a model: {exc}")
     t0 = time.perf_counter()
-    res = fit_traces(fitted, power_window_s=args.power_window_s)
+    try:
+        res = fit_traces(fitted, power_window_s=args.power_window_s)
+    except TraceError as exc:
+        return fail(args.traces[exc.trace_index or 0], f"cannot identify a model: {exc}")
     fit_s = time.perf_counter() - t0
     cleaned: dict[str, int] = {}
     for trace in fitted:

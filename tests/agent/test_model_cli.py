@@ -111,6 +111,10 @@ def test_fit_bad_input_exits_2_with_the_reason(
     assert cli("fit", str(path)) == 2
     err = capsys.readouterr().err
     assert "rackguard model fit" in err and message in err and "Traceback" not in err
+    # Among several traces, the message names the one that failed.
+    assert cli("fit", str(LLM), str(path)) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: " in err and str(LLM) not in err and message in err
 
 
 def test_record_reads_nvml_read_only_into_the_documented_csv(
